@@ -467,7 +467,9 @@ def loads(text: str, *, file: str = "<study>") -> StudySpec:
         raise ConfigError(f"YAML tag {tag} is not allowed: a study file holds plain data "
                           f"only; remove the tag", file=file, line=line) from exc
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        # Where the broken construct opened is where to look (an unclosed `{` is reported
+        # at the end of the file otherwise).
+        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"YAML syntax error: {problem}; fix the YAML at that line",
@@ -815,10 +817,9 @@ def _real_path(data: Any, loc: Iterable[Any]) -> tuple[Any, ...]:
     path: list[Any] = []
     node = data
     for part in loc:
-        if isinstance(node, Mapping) and part in node:
-            node = node[part]
-            path.append(part)
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        in_mapping = isinstance(node, Mapping) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
+        if in_mapping or in_list:
             node = node[part]
             path.append(part)
         elif not path or isinstance(node, Mapping):

@@ -1,0 +1,144 @@
+"""The `sweeper` command line.
+
+This is the one place that turns a `SweeperError` into a one-line message and exit code 2
+(a traceback only with `--debug`). Heavy imports (torch, optuna, mlflow) happen inside the
+commands that need them, so `sweeper --help` and `sweeper validate` start instantly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from sweeper import __version__
+from sweeper.errors import ConfigError, SweeperError
+
+app = typer.Typer(
+    name="sweeper",
+    help="Hyperparameter sweeps for PyTorch image classifiers: Optuna studies, "
+         "tracked in MLflow.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+# Options shared by several commands.
+StudyFile = Annotated[Path, typer.Argument(help="The study file (YAML), e.g. "
+                                                "studies/quickstart.yaml.", show_default=False)]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")]
+StorageOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045 - typer needs Optional
+    "--storage", envvar="SWEEPER_STORAGE", show_default=False,
+    help="Optuna storage URL [default: sqlite:///mlruns/optuna.db].")]
+
+
+@contextlib.contextmanager
+def user_errors(debug: bool) -> Iterator[None]:
+    """One line and exit 2 for a problem the user can fix; 130 for Ctrl-C."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        yield
+    except SweeperError as exc:
+        if debug:
+            raise
+        err.print(f"error: {exc}", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        err.print("interrupted: the running trial was recorded as FAIL", markup=False)
+        raise typer.Exit(130) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"sweeper {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Hyperparameter sweeps for PyTorch image classifiers: Optuna studies, tracked in
+    MLflow."""
+
+
+@app.command()
+def run(
+    file: StudyFile,
+    trials: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--trials", min=1, show_default=False,
+        help="Run this many more trials, whatever the study's budget says.")] = None,
+    timeout: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--timeout", show_default=False,
+        help="Start no new trial after this long (90, 90s, 30m, 2h).")] = None,
+    storage: StorageOpt = None,
+    device: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--device", show_default=False,
+        help="cpu, cuda or cuda:N [default: cuda when available, else cpu].")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "--data-dir", envvar="SWEEPER_DATA_DIR", show_default=False,
+        help="Where datasets live (and are downloaded to) [default: ./data].")] = None,
+    debug: Debug = False,
+) -> None:
+    """Create or resume the study in FILE and run trials until its budget is reached."""
+    from sweeper import config
+
+    with user_errors(debug):
+        spec = config.load(file)
+        seconds = None
+        if timeout is not None:
+            try:
+                seconds = config.parse_duration(timeout)
+            except ValueError as exc:
+                raise ConfigError(f"{exc}", file="--timeout") from None
+
+        from sweeper.display import RunDisplay, print_summary
+        from sweeper.storage import resolve_storage_url
+        from sweeper.study import RunOptions, open_study, run_study
+
+        options = RunOptions(storage=resolve_storage_url(storage), more_trials=trials,
+                             timeout=seconds, device=device, data_dir=data_dir)
+        display = RunDisplay(spec, err)
+        report = run_study(spec, options, progress=display)
+        if report.stopped_by == "nothing-to-do":
+            out.print(f"study {spec.name!r} already has {report.finished_before}/"
+                      f"{report.target} trials: nothing to do (use --trials N to run N more)")
+            return
+        print_summary(report, open_study(spec, options.storage), out)
+
+
+@app.command()
+def validate(file: StudyFile, debug: Debug = False) -> None:
+    """Check a study file without running it, and print its search space."""
+    from sweeper import config, space
+    from sweeper.display import print_space
+
+    with user_errors(debug):
+        spec = config.load(file)
+        print_space(spec, space.describe(spec), space.size(spec),
+                    space.infeasible_corners(spec), out)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover - Ctrl-C outside a command body
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

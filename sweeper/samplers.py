@@ -1,0 +1,61 @@
+"""Optuna sampler and pruner built from the study file's `sampler:` and `pruner:` blocks."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sweeper import space
+from sweeper.config import StudySpec
+
+if TYPE_CHECKING:
+    import optuna
+
+
+def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler the study file names. `seed_offset` keeps parallel workers that share a
+    seed from proposing the same points."""
+    import optuna
+
+    cfg = spec.sampler
+    seed = None if cfg.seed is None else cfg.seed + seed_offset
+    startup = {} if cfg.startup_trials is None else {"n_startup_trials": cfg.startup_trials}
+    samplers = optuna.samplers
+    if cfg.name == "tpe":
+        # `group` lets multivariate TPE model each architecture's sub-space on its own.
+        return samplers.TPESampler(seed=seed, multivariate=cfg.multivariate,
+                                   group=cfg.multivariate, constant_liar=True, **startup)
+    if cfg.name == "random":
+        return samplers.RandomSampler(seed=seed)
+    if cfg.name == "grid":
+        return samplers.GridSampler(space.grid(spec), seed=seed)
+    if cfg.name == "cmaes":
+        return samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False, **startup)
+    if cfg.name == "gp":
+        return samplers.GPSampler(seed=seed, warn_independent_sampling=False, **startup)
+    if cfg.name == "qmc":
+        return samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False,
+                                   warn_asynchronous_seeding=False)
+    if cfg.name == "nsga2":
+        return samplers.NSGAIISampler(seed=seed)
+    raise AssertionError(f"unhandled sampler {cfg.name}")  # config.py rejects others
+
+
+def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """The pruner the study file names; epochs are its steps."""
+    import optuna
+
+    cfg = spec.pruner
+    epochs = spec.budget.epochs
+    if cfg.name == "none":
+        return optuna.pruners.NopPruner()
+    if cfg.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials,
+                                           n_warmup_steps=cfg.warmup_epochs)
+    if cfg.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=min(cfg.min_epochs, epochs),
+                                              max_resource=epochs,
+                                              reduction_factor=cfg.reduction_factor)
+    if cfg.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min(cfg.min_epochs, epochs),
+                                                      reduction_factor=cfg.reduction_factor)
+    raise AssertionError(f"unhandled pruner {cfg.name}")

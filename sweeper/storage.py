@@ -1,0 +1,73 @@
+"""Where Optuna keeps studies: the URL, and an RDB storage tuned for long trials.
+
+Defaults to SQLite under `mlruns/`; `--storage` or `SWEEPER_STORAGE` points elsewhere
+(PostgreSQL when several machines share a study).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sweeper.errors import StorageError
+
+if TYPE_CHECKING:
+    import optuna
+
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+STORAGE_ENV = "SWEEPER_STORAGE"
+
+
+def resolve_storage_url(explicit: str | None = None) -> str:
+    """`--storage` > `$SWEEPER_STORAGE` > the local SQLite default."""
+    return explicit or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    """SQLAlchemy settings per backend.
+
+    SQLite: wait up to 60 s for a lock instead of failing at once, so local workers that
+    write at the same moment queue up. Servers: pre-ping pooled connections so one that
+    idled through a long trial is replaced rather than failing the trial's `tell`.
+    """
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4, "pool_recycle": 1800}
+
+
+def open_storage(url: str, *, heartbeat_interval: int | None = None,
+                 grace_period: int | None = None) -> optuna.storages.RDBStorage:
+    """Connect (creating the schema if needed); an unreachable store is one clear line."""
+    import optuna
+    import sqlalchemy.exc
+
+    _ensure_sqlite_folder(url)
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+        raise StorageError(f"cannot open Optuna storage {redact(url)}: {_first_line(exc)}; "
+                           f"check --storage / ${STORAGE_ENV}") from exc
+
+
+def _ensure_sqlite_folder(url: str) -> None:
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True,
+                                                                         exist_ok=True)
+
+
+def redact(url: str) -> str:
+    """The URL with any password masked, for messages."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
