@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     import optuna
@@ -157,9 +158,9 @@ def trials_table(study: optuna.Study, *, limit: int = 20, highlight: Sequence[in
         seconds = trial.duration.total_seconds() if trial.duration else None
         state = trial.state.name
         number = f"[bold]{trial.number}[/]" if trial.number in highlight else str(trial.number)
-        table.add_row(number, f"[{STATE_STYLE.get(state, '')}]{state}[/]",
-                      *[fmt_value(v) for v in values], fmt_params(trial.params),
-                      fmt_seconds(seconds), str(trial.user_attrs.get("fail_reason", "")))
+        table.add_row(number, Text(state, style=STATE_STYLE.get(state, "")),
+                      *[fmt_value(v) for v in values], Text(fmt_params(trial.params)),
+                      fmt_seconds(seconds), Text(str(trial.user_attrs.get("fail_reason", ""))))
     return table
 
 
@@ -179,8 +180,8 @@ def print_summary(report: RunReport, study: optuna.Study, console: Console) -> N
                                       for t in front[:10]), highlight=False)
         else:
             best = study.best_trial
-            console.print(f"[bold]best[/]: trial #{best.number} value {fmt_value(best.value)}"
-                          f"  {fmt_params(best.params, 200)}", highlight=False)
+            console.print(f"best: trial #{best.number} value {fmt_value(best.value)}"
+                          f"  {fmt_params(best.params, 200)}", markup=False, soft_wrap=True)
     except ValueError:
         console.print("no completed trial yet", highlight=False)
 
@@ -194,9 +195,10 @@ def print_space(spec: StudySpec, rows: Sequence[Any], size: int | None,
               f"{budget.epochs} epochs each"]
     if budget.timeout:
         limits.append(f"timeout {fmt_seconds(budget.timeout)}")
-    console.print(f"{spec.source}: OK - study [bold]{spec.name}[/] on {spec.dataset.name}, "
+    console.print(f"{spec.source}: OK - study {spec.name} on {spec.dataset.name}, "
                   f"{spec.model.arch} by default; {', '.join(limits)}; objective {objective}; "
-                  f"sampler {spec.sampler.name}, pruner {spec.pruner.name}")
+                  f"sampler {spec.sampler.name}, pruner {spec.pruner.name}", markup=False,
+                  soft_wrap=True)
     if not rows:
         console.print("space: empty (every trial trains the fixed config)")
     else:
@@ -204,7 +206,9 @@ def print_space(spec: StudySpec, rows: Sequence[Any], size: int | None,
         for column in ("parameter", "kind", "values", "only when"):
             table.add_column(column)
         for row in rows:
-            table.add_row(row.name, row.kind, row.values, row.condition or "-")
+            # Text, not markup: values such as `[mlp]` are data, not rich tags.
+            table.add_row(*(Text(v) for v in (row.name, row.kind, row.values,
+                                               row.condition or "-")))
         console.print(table)
     console.print(f"grid size: {size:,} points" if size is not None
                   else "grid size: infinite (continuous dimensions)")
@@ -215,4 +219,4 @@ def print_space(spec: StudySpec, rows: Sequence[Any], size: int | None,
     console.print(f"infeasible corners: {len(infeasible)} (such trials end FAIL untrained)")
     for values, reason in infeasible:
         where = ", ".join(f"{k}={v}" for k, v in values.items()) or "the fixed model"
-        console.print(f"  - {where}: {reason}", markup=False)
+        console.print(f"  - {where}: {reason}", markup=False, soft_wrap=True)

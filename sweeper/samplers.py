@@ -27,7 +27,7 @@ def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.B
     if cfg.name == "random":
         return samplers.RandomSampler(seed=seed)
     if cfg.name == "grid":
-        return samplers.GridSampler(space.grid(spec), seed=seed)
+        return _study_grid_sampler()(space.grid(spec), seed=seed)
     if cfg.name == "cmaes":
         return samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False, **startup)
     if cfg.name == "gp":
@@ -59,3 +59,36 @@ def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=min(cfg.min_epochs, epochs),
                                                       reduction_factor=cfg.reduction_factor)
     raise AssertionError(f"unhandled pruner {cfg.name}")
+
+
+def _study_grid_sampler() -> type[optuna.samplers.GridSampler]:
+    import optuna
+
+    class StudyGridSampler(optuna.samplers.GridSampler):
+        """Optuna's grid sampler for an ask/tell loop.
+
+        Optuna's own one calls `study.stop()` when the grid runs out, which raises outside
+        `study.optimize`; here the loop asks `grid_points_left` before each trial instead.
+        """
+
+        def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                        state: optuna.trial.TrialState, values: object) -> None:
+            return None
+
+    return StudyGridSampler
+
+
+def grid_points_left(study: optuna.Study) -> int | None:
+    """Grid points no trial has finished or is running; None unless the sampler is a grid."""
+    import optuna
+
+    sampler = study.sampler
+    if not isinstance(sampler, optuna.samplers.GridSampler):
+        return None
+    taken = set()
+    for trial in study.get_trials(deepcopy=False):
+        grid_id = trial.system_attrs.get("grid_id")
+        if grid_id is not None and (trial.state.is_finished()
+                                    or trial.state == optuna.trial.TrialState.RUNNING):
+            taken.add(grid_id)
+    return len(sampler._all_grids) - len(taken)

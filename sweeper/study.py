@@ -67,7 +67,7 @@ class RunReport:
     outcomes: list[TrialOutcome]
     finished_before: int
     target: int | None
-    stopped_by: str  # budget | trials | timeout | nothing-to-do | interrupted | failures
+    stopped_by: str  # budget | trials | timeout | grid-exhausted | nothing-to-do | interrupted
 
 
 class TrialRun(Protocol):
@@ -213,6 +213,9 @@ class Worker:
                     break
                 if timeout is not None and time.monotonic() - started >= timeout:
                     stopped_by = "timeout"
+                    break
+                if samplers.grid_points_left(study) == 0:
+                    stopped_by = "grid-exhausted"
                     break
                 outcome = self.run_trial(study)
                 outcomes.append(outcome)
