@@ -46,6 +46,12 @@ def user_errors(debug: bool) -> Iterator[None]:
     """One line and exit 2 for a problem the user can fix; 130 for Ctrl-C."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        # Optuna's own INFO lines ("A new study created ...") and experimental-feature
+        # warnings repeat what sweeper shows anyway.
+        import warnings
+
+        warnings.filterwarnings("ignore", message=r".*experimental feature.*")
     try:
         yield
     except SweeperError as exc:
@@ -58,6 +64,12 @@ def user_errors(debug: bool) -> Iterator[None]:
             raise
         err.print("interrupted: the running trial was recorded as FAIL", markup=False)
         raise typer.Exit(130) from None
+
+
+def _quiet_optuna() -> None:
+    import optuna  # only commands that touch a study get here
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _version(value: bool) -> None:
@@ -98,6 +110,8 @@ def run(
 
     with user_errors(debug):
         spec = config.load(file)
+        if not debug:
+            _quiet_optuna()
         seconds = None
         if timeout is not None:
             try:

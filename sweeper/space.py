@@ -223,7 +223,10 @@ def _candidates(dim: Dimension) -> Iterator[dict[str, Any]]:
             else:
                 yield {dim.key: option}
     elif isinstance(dim, IntDim):
-        for value in sorted({dim.low, dim.high}):
+        # Every value of a short range (an even filter size can fail where odd ones fit),
+        # the two ends of a long one.
+        values = dim.values() if dim.size <= 16 else sorted({dim.low, dim.high})
+        for value in values:
             yield {dim.key: value}
     else:
         yield {}

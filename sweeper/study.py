@@ -280,9 +280,10 @@ class Worker:
 
         from sweeper.evaluate import evaluate, prefixed
         from sweeper.models import build_model, count_parameters
-        from sweeper.train import fit
+        from sweeper.train import fit, seed_everything
 
         data = self.dataset(config.dataset)
+        seed_everything(config.train.seed)  # the same seed gives the same initial weights
         model = build_model(config.model, data.input_shape, data.num_classes)
         objectives = self.spec.objective_list
         pruning = self.spec.pruner.name != "none"

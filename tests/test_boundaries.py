@@ -1,0 +1,79 @@
+"""The walls of the module map (DESIGN §3), checked by parsing imports with `ast`, and the
+lazy imports that keep `sweeper --help` and `sweeper validate` instant."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "sweeper"
+
+# module -> top-level packages it must never import (at any depth of the file)
+FORBIDDEN: dict[str, set[str]] = {
+    "errors": {"torch", "torchvision", "optuna", "mlflow", "sklearn"},
+    "config": {"torch", "torchvision", "optuna", "mlflow"},
+    "shapes": {"torch", "torchvision", "optuna", "mlflow"},
+    "space": {"torch", "torchvision", "mlflow"},
+    "data": {"optuna", "mlflow"},
+    "models": {"optuna", "mlflow", "torchvision", "sweeper.data"},
+    "train": {"optuna", "mlflow"},
+    "evaluate": {"optuna", "mlflow"},
+    "plots": {"mlflow", "torch"},
+    "study": {"mlflow"},
+    "results": {"sweeper.train"},
+}
+# Modules that only the tracking module may import.
+MLFLOW_OWNER = "tracking"
+
+
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _matches(name: str, banned: str) -> bool:
+    return name == banned or name.startswith(banned + ".")
+
+
+@pytest.mark.parametrize("module", sorted(FORBIDDEN))
+def test_module_keeps_its_walls(module: str) -> None:
+    path = PACKAGE / f"{module}.py"
+    if not path.exists():
+        pytest.skip(f"{module}.py not written yet")
+    found = {name for name in imports_of(path) for banned in FORBIDDEN[module]
+             if _matches(name, banned)}
+    assert not found, f"sweeper/{module}.py imports {sorted(found)}"
+
+
+def test_only_tracking_imports_mlflow() -> None:
+    offenders = [p.name for p in PACKAGE.glob("*.py")
+                 if p.stem != MLFLOW_OWNER
+                 and any(_matches(n, "mlflow") for n in imports_of(p))]
+    assert not offenders, f"only {MLFLOW_OWNER}.py may import mlflow: {offenders}"
+
+
+@pytest.mark.parametrize("argv, heavy", [
+    (["--help"], ("torch", "optuna", "mlflow", "sklearn")),
+    (["validate", "studies/mnist_arch.yaml"], ("torch", "mlflow", "sklearn")),
+])
+def test_cli_start_is_light(argv: list[str], heavy: tuple[str, ...]) -> None:
+    code = ("import sys\n"
+            "from sweeper.cli import app\n"
+            f"sys.argv = ['sweeper', *{argv!r}]\n"
+            "try:\n    app()\nexcept SystemExit:\n    pass\n"
+            f"loaded = [m for m in {heavy!r} if m in sys.modules]\n"
+            "print('LOADED', loaded)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=PACKAGE.parent, check=False)
+    assert "LOADED []" in result.stdout, result.stdout + result.stderr
