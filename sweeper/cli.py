@@ -29,8 +29,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Piped output (logs, CI) gets room for tables instead of rich's 80-column default.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140)
 
 # Options shared by several commands.
 StudyFile = Annotated[Path, typer.Argument(help="The study file (YAML), e.g. "

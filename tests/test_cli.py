@@ -1,0 +1,185 @@
+"""The command line as a user meets it: help, validate, run, resume, bad input (one line,
+exit 2, nothing written), Ctrl-C (exit 130, trial FAIL), and the README's quick start on
+the real MNIST."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from sweeper.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+TINY = """name: tiny
+dataset: {name: synthetic, synthetic: {train_size: 256, test_size: 64, image_size: 8}}
+model: {arch: mlp, hidden: [16]}
+budget: {trials: 2, epochs: 1}
+sampler: {name: random, seed: 0}
+space:
+  train.lr: {float: [1.0e-3, 1.0e-2], log: true}
+"""
+
+
+@pytest.fixture
+def study_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
+def test_help_lists_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "run" in result.output and "validate" in result.output
+
+
+def test_validate_prints_the_space() -> None:
+    result = runner.invoke(app, ["validate", str(REPO / "studies" / "mnist_arch.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "OK - study mnist-arch" in result.output
+    assert "model.filter_size" in result.output and "model.arch=cnn" in result.output
+    assert "[mlp, cnn, lenet, resnet]" in result.output
+    assert "infeasible corners: none" in result.output
+
+
+def test_validate_reports_infeasible_corners(tmp_path: Path) -> None:
+    path = tmp_path / "corners.yaml"
+    path.write_text("name: c\ndataset: {name: mnist}\nsampler: {name: grid}\nspace:\n"
+                    "  model.filter_size: {choice: [3, 11]}\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0
+    assert "grid size: 2 points" in result.output
+    assert "infeasible corners: 1" in result.output and "model.filter_size=11" in result.output
+
+
+def test_bad_file_is_one_line_exit_2_and_debug_shows_the_exception(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\ndataset: {name: mnist}\ntrain: {lr: -1}\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output
+    assert lines[0] == (f"error: {path}:3: train.lr: input should be greater than 0, but got -1")
+    debug = runner.invoke(app, ["validate", str(path), "--debug"])
+    assert debug.exit_code != 0 and type(debug.exception).__name__ == "ConfigError"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["run", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
+    assert "nope.yaml: no such file" in result.output
+
+
+def test_bad_input_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\ndataset: {name: mnist}\nspace:\n  train.lr: {float: [1, 0]}\n")
+    db = tmp_path / "optuna.db"
+    result = runner.invoke(app, ["run", str(path), "--storage", f"sqlite:///{db}"])
+    assert result.exit_code == 2 and "`low <= high` must hold" in result.output
+    assert not db.exists(), "a bad study file creates no storage and no study"
+
+
+def test_bad_timeout_and_device(study_file: Path, storage: str) -> None:
+    result = runner.invoke(app, ["run", str(study_file), "--storage", storage,
+                                 "--timeout", "soon"])
+    assert result.exit_code == 2 and "--timeout" in result.output
+    result = runner.invoke(app, ["run", str(study_file), "--storage", storage,
+                                 "--device", "tpu"])
+    assert result.exit_code == 2 and "device 'tpu'" in result.output
+    assert optuna.get_all_study_names(storage) == []
+
+
+def test_missing_dataset_is_one_line(tmp_path: Path, storage: str) -> None:
+    path = tmp_path / "f.yaml"
+    path.write_text("name: f\ndataset: {name: fashion_mnist, download: false}\n")
+    result = runner.invoke(app, ["run", str(path), "--storage", storage,
+                                 "--data-dir", str(tmp_path / "data")])
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert "FashionMNIST/raw" in line and "train-images-idx3-ubyte" in line
+
+
+def test_run_then_resume(study_file: Path, storage: str) -> None:
+    result = runner.invoke(app, ["run", str(study_file), "--storage", storage, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "this run: 2 complete; stopped by budget" in result.output
+    assert "best: trial #" in result.output
+    again = runner.invoke(app, ["run", str(study_file), "--storage", storage])
+    assert again.exit_code == 0
+    assert "already has 2/2 trials: nothing to do" in again.output
+    more = runner.invoke(app, ["run", str(study_file), "--storage", storage, "--trials", "1"])
+    assert more.exit_code == 0 and "this run: 1 complete; stopped by trials" in more.output
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+
+
+def test_storage_from_environment(study_file: Path, storage: str) -> None:
+    result = runner.invoke(app, ["run", str(study_file), "--trials", "1"],
+                           env={"SWEEPER_STORAGE": storage})
+    assert result.exit_code == 0, result.output
+    assert optuna.get_all_study_names(storage) == ["tiny"]
+
+
+def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path: Path, storage: str) -> None:
+    path = tmp_path / "slow.yaml"
+    path.write_text(TINY.replace("budget: {trials: 2, epochs: 1}",
+                                 "budget: {trials: 2, epochs: 500}"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sweeper.cli", "run", str(path), "--storage",
+                             storage, "--device", "cpu"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        running = False
+        while time.monotonic() < deadline and not running:
+            time.sleep(0.5)
+            try:
+                study = optuna.load_study(study_name="tiny", storage=storage)
+                running = any(t.state.name == "RUNNING" for t in study.trials)
+            except KeyError:
+                continue
+        assert running, "a trial started"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    (trial,) = optuna.load_study(study_name="tiny", storage=storage).trials
+    assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "interrupted"
+
+
+def test_readme_quickstart_on_real_mnist(mnist_dir: Path, tmp_path: Path) -> None:
+    """The README's first command, as written, in a fresh folder: the quick start study on
+    the real MNIST with the default local storage."""
+    import shutil
+
+    shutil.copytree(REPO / "studies", tmp_path / "studies")
+    env = {**os.environ, "SWEEPER_DATA_DIR": str(mnist_dir)}
+    env.pop("SWEEPER_STORAGE", None)
+    result = subprocess.run([sys.executable, "-m", "sweeper.cli", "run",
+                             "studies/quickstart.yaml"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "this run: " in result.stdout and "best: trial #" in result.stdout
+    storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+    study = optuna.load_study(study_name="quickstart", storage=storage)
+    assert len(study.trials) == 6
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    assert study.best_value > 0.9, "a few epochs on 6,000 MNIST images reach over 90%"
