@@ -284,7 +284,7 @@ class FloatDim:
     def size(self) -> int | None:
         if self.step is None:
             return None
-        return int(round((self.high - self.low) / self.step)) + 1
+        return round((self.high - self.low) / self.step) + 1
 
     def values(self) -> list[float]:
         assert self.step is not None

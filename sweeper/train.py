@@ -1,0 +1,265 @@
+"""Train one model on one dataset: the optimizer, the epoch loop and the divergence check.
+
+`fit` is a plain callable that a sweep drives (cifar10-airbench style): the dataset is
+already a set of tensors on the device, so an epoch is a permutation, index gathers and the
+model's own work, with no DataLoader, no worker processes and no per-sample Python. The
+loop is written out in one place with labelled stages (nanoGPT style) so that a reader
+sees every step a batch goes through.
+
+What the caller gets after each epoch is a dict of plain floats, passed to `on_epoch`;
+the study's hook logs it and asks the pruner whether to stop. This module knows nothing
+of Optuna or MLflow (a test parses its imports to keep it so).
+
+Precision: on CUDA the forward pass runs under bf16 autocast with `channels_last` weights
+(tensor cores, no loss scaling needed with bf16); on CPU everything is fp32 and, for a
+given `cfg.seed`, deterministic: two fits of the same initial model give the same history
+except for the timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sweeper.config import AugmentConfig, TrainConfig
+from sweeper.data import augment as augment_batch
+from sweeper.data import batches
+from sweeper.errors import Diverged, SweeperError
+
+if TYPE_CHECKING:
+    from sweeper.data import Dataset, Split
+
+# (epoch starting at 1, that epoch's metrics) -> stop now?
+EpochHook = Callable[[int, dict[str, float]], bool]
+
+
+@dataclass
+class FitResult:
+    """What one `fit` produced besides the model it trained in place."""
+
+    # One dict per epoch run: epoch, train_loss, train_accuracy, val_loss, val_accuracy,
+    # epoch_seconds (training and validation of that epoch), lr (at the epoch's start).
+    history: list[dict[str, float]]
+    stopped_early: bool  # the hook asked to stop (a pruned trial)
+    train_seconds: float  # wall time of the whole fit, validation passes included
+
+
+# --------------------------------------------------------------------------------------
+# Device, optimizer, seeds
+# --------------------------------------------------------------------------------------
+def resolve_device(name: str | None = None) -> torch.device:
+    """The torch device a name asks for; `None`/"auto" picks CUDA when there is one.
+
+    Checked here, before any study is written, so that `--device cuda` on a machine
+    without CUDA is one clear line instead of a traceback deep inside the first trial.
+    """
+    if name is None or name.strip().lower() in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name.strip().lower())
+    except (RuntimeError, ValueError):
+        raise SweeperError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise SweeperError(f"device {name!r} is not supported; sweeper trains on cpu or cuda "
+                           f"(use auto, cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise SweeperError(f"device {name!r} asked for, but CUDA is not available on this "
+                           f"machine; use --device cpu (or auto)")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise SweeperError(f"device {name!r} does not exist: this machine has {count} CUDA "
+                           f"device(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer `cfg.optimizer` names, with `cfg.lr` and `cfg.weight_decay` on all.
+
+    - sgd: plain SGD, no momentum.
+    - momentum: SGD with `cfg.momentum`; `cfg.nesterov` turns on Nesterov momentum (only
+      when momentum > 0, since torch rejects Nesterov without momentum).
+    - rmsprop: RMSprop with `cfg.momentum` as its momentum (the config documents momentum
+      as "for momentum and rmsprop"; search momentum 0 for the classic RMSprop).
+    - adagrad, adam: torch defaults besides lr; weight decay is the coupled L2 penalty.
+    - adamw: decoupled weight decay of exactly `cfg.weight_decay` (0 unless set, not
+      torch's 0.01 default, so that the study file stays the single source of defaults).
+
+    Weight decay applies to every parameter, biases and norm weights included: simple and
+    predictable in a sweep, which searches the value anyway.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr, wd = cfg.lr, cfg.weight_decay
+    name = cfg.optimizer
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=wd)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    raise SweeperError(f"unknown optimizer {name!r}; choose one of sgd, momentum, rmsprop, "
+                       f"adagrad, adam, adamw")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device) in one call.
+
+    Call it before `build_model` so that the initial weights, too, follow the seed; `fit`
+    itself reseeds torch with `cfg.seed` for dropout and the batch order.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: int,
+        device: torch.device, augment: AugmentConfig | None = None,
+        on_epoch: EpochHook | None = None) -> FitResult:
+    """Train `model` in place for up to `epochs` epochs; validate after each one.
+
+    Raises `Diverged` as soon as an epoch's mean training loss or its validation loss is
+    NaN or infinite, so a returned history never holds a non-finite number. `on_epoch`
+    returning True stops training after that epoch (`stopped_early`).
+    """
+    if epochs < 1:
+        raise ValueError(f"`epochs >= 1` must hold, but got epochs={epochs}")
+    started = time.perf_counter()
+
+    # -- setup: device, precision, seeds -------------------------------------------------
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed)  # dropout masks and anything else drawn from torch's RNG
+    model.to(device)
+    if cuda:
+        model.to(memory_format=torch.channels_last)  # NHWC convs on tensor cores
+    train, val = _on_device(data.train, device), _on_device(data.val, device)
+    n_train, n_val = int(train.y.shape[0]), int(val.y.shape[0])
+    if n_train == 0 or n_val == 0:
+        raise SweeperError(f"cannot train with {n_train} training and {n_val} validation "
+                           f"images; the dataset's splits are empty")
+    autocast = _autocast(device)
+    # Seeded generators: the batch order is drawn on the CPU (the same permutations on
+    # every machine, one small transfer per epoch); augmentation draws on the data's device
+    # so that a CUDA batch needs no host-to-device copy of its random angles and shifts.
+    order_rng = torch.Generator().manual_seed(cfg.seed)
+    augment_rng = torch.Generator(device=train.x.device).manual_seed(cfg.seed)
+    augmenting = augment is not None and (augment.rotate > 0 or augment.shift > 0)
+
+    # -- setup: optimizer and schedule -------------------------------------------------
+    optimizer = build_optimizer(model, cfg)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    scheduler = None
+    if cfg.scheduler == "cosine":
+        # Per step rather than per epoch: smooth, and a pruned trial has seen the same lrs
+        # as the first epochs of a full one.
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=epochs * steps_per_epoch)
+
+    history: list[dict[str, float]] = []
+    stopped_early = False
+    for epoch in range(1, epochs + 1):
+        epoch_started = time.perf_counter()
+        lr = float(optimizer.param_groups[0]["lr"])
+
+        # -- train: one pass over a fresh permutation ------------------------------------
+        # Loss and correct count stay on the device; the only host sync is after the epoch.
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        for x, y in batches(train, cfg.batch_size, shuffle=True, generator=order_rng):
+            if augmenting:
+                assert augment is not None
+                x = augment_batch(x, augment, generator=augment_rng)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum += loss.detach().float() * y.shape[0]
+            correct += (logits.detach().argmax(dim=1) == y).sum()
+
+        # -- validate: eval mode, no grad, large batches ---------------------------------
+        val_loss_sum, val_correct = _validate(model, val, cfg.eval_batch_size, autocast)
+
+        # -- sync once, check for divergence ---------------------------------------------
+        train_loss, train_hits, val_loss, val_hits = torch.stack(
+            [loss_sum, correct.float(), val_loss_sum, val_correct.float()]).tolist()
+        train_loss /= n_train
+        val_loss /= n_val
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            raise Diverged(epoch)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_accuracy": train_hits / n_train,
+            "val_loss": val_loss,
+            "val_accuracy": val_hits / n_val,
+            "epoch_seconds": time.perf_counter() - epoch_started,
+            "lr": lr,
+        }
+        history.append(metrics)
+
+        # -- report: the hook logs, reports to the pruner and may stop us ----------------
+        if on_epoch is not None and on_epoch(epoch, dict(metrics)):
+            stopped_early = True
+            break
+
+    return FitResult(history=history, stopped_early=stopped_early,
+                     train_seconds=time.perf_counter() - started)
+
+
+def _validate(model: nn.Module, split: Split, batch_size: int,
+              autocast: contextlib.AbstractContextManager[object]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and correct count over a split, as device tensors (no sync)."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float32, device=split.y.device)
+    correct = torch.zeros((), dtype=torch.int64, device=split.y.device)
+    with torch.no_grad():
+        for x, y in batches(split, batch_size, shuffle=False):
+            if x.is_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            correct += (logits.argmax(dim=1) == y).sum()
+    return loss_sum, correct
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast on CUDA (no GradScaler needed); fp32 everywhere else."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _on_device(split: Split, device: torch.device) -> Split:
+    """The split itself when already on `device` (the usual case), else a moved copy."""
+    if split.x.device == device and split.y.device == device:
+        return split
+    return replace(split, x=split.x.to(device), y=split.y.to(device))
