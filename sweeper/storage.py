@@ -24,6 +24,18 @@ def resolve_storage_url(explicit: str | None = None) -> str:
     return explicit or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
+def sqlalchemy_url(url: str) -> str:
+    """`postgresql://...` with the driver sweeper ships (psycopg2, the `postgres` extra).
+
+    SQLAlchemy 2.1 picks psycopg 3 for a bare `postgresql://`; an explicit driver in the URL
+    (`postgresql+psycopg://`) is left alone.
+    """
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url.removeprefix(prefix)
+    return url
+
+
 def engine_kwargs(url: str) -> dict[str, Any]:
     """SQLAlchemy settings per backend.
 
@@ -45,9 +57,12 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
     _ensure_sqlite_folder(url)
     try:
         return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period)
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+            sqlalchemy_url(url), engine_kwargs=engine_kwargs(url),
+            heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    except ImportError as exc:
+        raise StorageError(f"cannot open Optuna storage {redact(url)}: its database driver "
+                           f"is not installed; pip install 'sweeper[postgres]'") from exc
+    except (sqlalchemy.exc.SQLAlchemyError, ValueError) as exc:
         raise StorageError(f"cannot open Optuna storage {redact(url)}: {_first_line(exc)}; "
                            f"check --storage / ${STORAGE_ENV}") from exc
 

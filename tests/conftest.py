@@ -40,3 +40,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> object:
+    """A fresh PostgreSQL database on 127.0.0.1:5432 for this test session, dropped after.
+
+    Skips when no server answers (the tests of the SQLite paths still run)."""
+    import uuid
+
+    psycopg2 = pytest.importorskip("psycopg2")
+    admin = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
+    name = f"sweeper_test_{uuid.uuid4().hex[:12]}"
+    try:
+        conn = psycopg2.connect(admin)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {exc}")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    conn = psycopg2.connect(admin)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()
