@@ -83,6 +83,10 @@ class TrialRun(Protocol):
 class StudyTracker(Protocol):
     """The seam to experiment tracking: the loop calls these and never MLflow itself."""
 
+    def check(self) -> None:
+        """Raise a SweeperError if tracking cannot work; called before anything is written."""
+        ...
+
     def start_study(self, study: optuna.Study, spec: StudySpec) -> None: ...
 
     def trial_run(self, trial: optuna.Trial, config: TrialConfig
@@ -190,7 +194,10 @@ class Worker:
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> RunReport:
         spec, options = self.spec, self.options
-        # Data first: a missing dataset is the user's to fix, before any study is written.
+        # An unreachable tracking store, then a missing dataset: both are the user's to fix,
+        # before any study is written.
+        if self.tracker is not None:
+            self.tracker.check()
         self.dataset(spec.dataset)
         study = open_study(spec, options.storage)
         if self.tracker is not None:

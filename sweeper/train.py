@@ -10,10 +10,12 @@ What the caller gets after each epoch is a dict of plain floats, passed to `on_e
 the study's hook logs it and asks the pruner whether to stop. This module knows nothing
 of Optuna or MLflow (a test parses its imports to keep it so).
 
-Precision: on CUDA the forward pass runs under bf16 autocast with `channels_last` weights
-(tensor cores, no loss scaling needed with bf16); on CPU everything is fp32 and, for a
-given `cfg.seed`, deterministic: two fits of the same initial model give the same history
-except for the timings.
+Precision and layout: on CUDA the forward pass runs under bf16 autocast (tensor cores, no
+loss scaling needed with bf16); on the CPU everything is fp32 and, for a given `cfg.seed`,
+deterministic: two fits of the same initial model give the same history except for the
+timings. Conv nets train in `channels_last` on both (on the CPU oneDNN's NHWC kernels are
+10-25% faster per step for every architecture here); `fit` leaves the model in that
+layout, which changes no result, only strides.
 """
 
 from __future__ import annotations
@@ -150,8 +152,11 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: int,
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)  # dropout masks and anything else drawn from torch's RNG
     model.to(device)
-    if cuda:
-        model.to(memory_format=torch.channels_last)  # NHWC convs on tensor cores
+    # NHWC convolutions: tensor cores on CUDA, and oneDNN's faster kernels on the CPU
+    # (measured 10-25% per step for every conv arch here; see benchmarks/).
+    channels_last = cuda or _has_conv(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     train, val = _on_device(data.train, device), _on_device(data.val, device)
     n_train, n_val = int(train.y.shape[0]), int(val.y.shape[0])
     if n_train == 0 or n_val == 0:
@@ -190,7 +195,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: int,
             if augmenting:
                 assert augment is not None
                 x = augment_batch(x, augment, generator=augment_rng)
-            if cuda:
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
                 logits = model(x)
@@ -204,7 +209,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: int,
             correct += (logits.detach().argmax(dim=1) == y).sum()
 
         # -- validate: eval mode, no grad, large batches ---------------------------------
-        val_loss_sum, val_correct = _validate(model, val, cfg.eval_batch_size, autocast)
+        val_loss_sum, val_correct = _validate(model, val, cfg.eval_batch_size, autocast,
+                                              channels_last)
 
         # -- sync once, check for divergence ---------------------------------------------
         train_loss, train_hits, val_loss, val_hits = torch.stack(
@@ -234,7 +240,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: int,
 
 
 def _validate(model: nn.Module, split: Split, batch_size: int,
-              autocast: contextlib.AbstractContextManager[object]
+              autocast: contextlib.AbstractContextManager[object], channels_last: bool
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy and correct count over a split, as device tensors (no sync)."""
     model.eval()
@@ -242,13 +248,17 @@ def _validate(model: nn.Module, split: Split, batch_size: int,
     correct = torch.zeros((), dtype=torch.int64, device=split.y.device)
     with torch.no_grad():
         for x, y in batches(split, batch_size, shuffle=False):
-            if x.is_cuda:
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
                 logits = model(x)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
             correct += (logits.argmax(dim=1) == y).sum()
     return loss_sum, correct
+
+
+def _has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:

@@ -12,7 +12,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sweeper"
 
-# module -> top-level packages it must never import (at any depth of the file)
+# module -> packages it must never import (at any depth of the file); modules not written
+# yet join the check as soon as their file exists.
 FORBIDDEN: dict[str, set[str]] = {
     "errors": {"torch", "torchvision", "optuna", "mlflow", "sklearn"},
     "config": {"torch", "torchvision", "optuna", "mlflow"},
@@ -46,11 +47,10 @@ def _matches(name: str, banned: str) -> bool:
     return name == banned or name.startswith(banned + ".")
 
 
-@pytest.mark.parametrize("module", sorted(FORBIDDEN))
+@pytest.mark.parametrize("module", sorted(m for m in FORBIDDEN
+                                          if (PACKAGE / f"{m}.py").exists()))
 def test_module_keeps_its_walls(module: str) -> None:
     path = PACKAGE / f"{module}.py"
-    if not path.exists():
-        pytest.skip(f"{module}.py not written yet")
     found = {name for name in imports_of(path) for banned in FORBIDDEN[module]
              if _matches(name, banned)}
     assert not found, f"sweeper/{module}.py imports {sorted(found)}"

@@ -127,6 +127,18 @@ def test_same_seed_same_history_on_cpu(data: Dataset) -> None:
     assert other.history[0]["train_loss"] != first[0]["train_loss"]
 
 
+def test_conv_net_is_deterministic_too(data: Dataset) -> None:
+    # Conv nets train in channels_last (oneDNN kernels) on the CPU: still reproducible.
+    cfg = TrainConfig(seed=3, batch_size=256)
+    model = ModelConfig(arch="cnn", channels=[8], head=[16], dropout=0.2)
+
+    def run() -> list[float]:
+        result = fit(_model(data, model), data, cfg, epochs=1, device=CPU)
+        return [result.history[0][k] for k in ("train_loss", "val_loss", "val_accuracy")]
+
+    assert run() == run()
+
+
 def test_cosine_schedule_decreases_lr(data: Dataset) -> None:
     cfg = TrainConfig(lr=0.01, scheduler="cosine", batch_size=512)
     model = _model(data)
