@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,6 +105,12 @@ def run(
     data_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         "--data-dir", envvar="SWEEPER_DATA_DIR", show_default=False,
         help="Where datasets live (and are downloaded to) [default: ./data].")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--tracking-uri", envvar="MLFLOW_TRACKING_URI", show_default=False,
+        help="MLflow tracking server or store [default: sqlite:///mlruns/mlflow.db].")] = None,
+    no_tracking: Annotated[bool, typer.Option(
+        "--no-tracking", help="Do not log to MLflow (Optuna still records every trial).")
+    ] = False,
     debug: Debug = False,
 ) -> None:
     """Create or resume the study in FILE and run trials until its budget is reached."""
@@ -113,6 +120,11 @@ def run(
         spec = config.load(file)
         if not debug:
             _quiet_optuna()
+            # MLflow's INFO lines (creating tables...) and urllib3's line per HTTP retry:
+            # sweeper's own one-line warnings say what matters.
+            os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
+            logging.getLogger("urllib3").setLevel(logging.ERROR)
         seconds = None
         if timeout is not None:
             try:
@@ -127,12 +139,22 @@ def run(
         options = RunOptions(storage=resolve_storage_url(storage), more_trials=trials,
                              timeout=seconds, device=device, data_dir=data_dir)
         display = RunDisplay(spec, err)
-        report = run_study(spec, options, progress=display)
+        tracker = None
+        if not no_tracking:
+            from sweeper.tracking import MlflowTracker
+
+            # run_study calls tracker.check() before it writes anything.
+            tracker = MlflowTracker(tracking_uri, device=device)
+        report = run_study(spec, options, tracker=tracker, progress=display)
         if report.stopped_by == "nothing-to-do":
             out.print(f"study {spec.name!r} already has {report.finished_before}/"
                       f"{report.target} trials: nothing to do (use --trials N to run N more)")
             return
         print_summary(report, open_study(spec, options.storage), out)
+        if tracker is not None and tracker.parent_run_id is not None:
+            note = f"; {len(tracker.failures)} tracking warning(s)" if tracker.failures else ""
+            out.print(f"MLflow: experiment {spec.name!r} in {tracker.where}, parent run "
+                      f"{tracker.parent_run_id}{note}")
 
 
 @app.command()
@@ -145,6 +167,50 @@ def validate(file: StudyFile, debug: Debug = False) -> None:
         spec = config.load(file)
         print_space(spec, space.describe(spec), space.size(spec),
                     space.infeasible_corners(spec), out)
+
+
+@app.command()
+def ui(
+    backend_store_uri: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--backend-store-uri", show_default=False,
+        help="The MLflow store to serve [default: $MLFLOW_TRACKING_URI, else "
+             "sqlite:///mlruns/mlflow.db, where `sweeper run` logs].")] = None,
+    artifacts: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--artifacts-destination", show_default=False,
+        help="Where artifacts uploaded through this server go [default: artifacts/ beside "
+             "a SQLite store, else mlruns/artifacts].")] = None,
+    host: Annotated[str, typer.Option(
+        "--host", help="Interface to listen on; 0.0.0.0 opens it to other machines "
+                       "(MLflow then accepts only localhost and private-IP Host headers: "
+                       "set MLFLOW_SERVER_ALLOWED_HOSTS for a name).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 5000,
+    debug: Debug = False,
+) -> None:
+    """Serve the MLflow UI on the store that `sweeper run` logs to (Ctrl-C stops it)."""
+    from sweeper import server
+    from sweeper.storage import redact
+
+    with user_errors(debug):
+        store = server.resolve_ui_store(backend_store_uri)
+        database = server.sqlite_path(store)
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        artifacts = artifacts or server.default_artifacts(store)
+        server.check_port_free(host, port)
+        command = server.server_command(store, artifacts, host=host, port=port,
+                                        workers=server.UI_WORKERS, access_log=False)
+        url = server.browser_url(host, port)
+        err.print(f"starting mlflow server on {redact(store)} (artifacts {artifacts}) ...",
+                  markup=False, soft_wrap=True)
+        code = server.run_server(server.local_command(command), f"{url}/health",
+                                 on_ready=lambda: out.print(
+                                     f"MLflow UI: {url}  (Ctrl-C to stop)\n  a study is an "
+                                     f"experiment, its trials are runs: choose \"Model "
+                                     f"training\" at the top left", markup=False,
+                                     soft_wrap=True))
+    if code == 130:
+        err.print("MLflow UI stopped", markup=False)
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -320,6 +320,10 @@ class Worker:
                    "train_seconds": result.train_seconds,
                    "n_params": float(count_parameters(model)),
                    "epochs_run": float(len(result.history))}
+        missing = [o.metric for o in objectives if o.metric not in metrics]
+        if missing:  # e.g. an AUC on a validation split holding a single class
+            raise TrialFailure(f"objective {', '.join(missing)} is undefined for this trial's "
+                               f"validation split")
         values = [float(metrics[o.metric]) for o in objectives]
         if not all(math.isfinite(v) for v in values):
             raise TrialFailure(f"objective is not finite: {values}")

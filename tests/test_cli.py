@@ -30,6 +30,12 @@ space:
 """
 
 
+@pytest.fixture(autouse=True)
+def local_tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep in-process runs' MLflow store in the test's folder, not the repo's mlruns/."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
 @pytest.fixture
 def study_file(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
@@ -173,6 +179,7 @@ def test_readme_quickstart_on_real_mnist(mnist_dir: Path, tmp_path: Path) -> Non
     shutil.copytree(REPO / "studies", tmp_path / "studies")
     env = {**os.environ, "SWEEPER_DATA_DIR": str(mnist_dir)}
     env.pop("SWEEPER_STORAGE", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run([sys.executable, "-m", "sweeper.cli", "run",
                              "studies/quickstart.yaml"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=900, check=False)

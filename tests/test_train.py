@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from sweeper.config import AugmentConfig, DatasetConfig, ModelConfig, TrainConfig
+from sweeper.config import AugmentConfig, DatasetConfig, ModelConfig, OptimizerName, TrainConfig
 from sweeper.data import Dataset, load_dataset
 from sweeper.errors import Diverged, SweeperError
 from sweeper.models import build_model
@@ -59,7 +59,7 @@ def test_synthetic_task_learns(data: Dataset) -> None:
 
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "rmsprop", "adagrad", "adam",
                                        "adamw"])
-def test_every_optimizer_builds_and_trains(data: Dataset, optimizer: str) -> None:
+def test_every_optimizer_builds_and_trains(data: Dataset, optimizer: OptimizerName) -> None:
     cfg = TrainConfig(optimizer=optimizer, lr=1e-2, weight_decay=1e-4, nesterov=True,
                       batch_size=256)
     model = _model(data)

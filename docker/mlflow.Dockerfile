@@ -1,0 +1,17 @@
+# The team's MLflow tracking server (the `mlflow` service of docker-compose.yml).
+# Only MLflow and the PostgreSQL driver: the command comes from the compose file, which a
+# test checks against sweeper.server.server_command (the command sweeper runs and tests).
+FROM python:3.11-slim
+
+# Keep this pin equal to the MLflow that sweeper's tests run (pip show mlflow).
+ARG MLFLOW_VERSION=3.17.2
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN pip install "mlflow==${MLFLOW_VERSION}" "psycopg2-binary>=2.9"
+
+# Not root. /mlartifacts is created here so that a new named volume mounted on it starts
+# out owned by this user.
+RUN useradd --create-home --uid 1000 mlflow \
+    && mkdir /mlartifacts && chown mlflow:mlflow /mlartifacts
+USER mlflow
+WORKDIR /home/mlflow
+EXPOSE 5000

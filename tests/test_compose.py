@@ -1,0 +1,267 @@
+"""The team setup (docker-compose.yml, docker/, .env.example) without Docker: the file is
+parsed and checked for what a team relies on (127.0.0.1-only ports, healthchecks, secrets
+from .env, two databases), and the MLflow server command it runs, which must be
+`sweeper.server.server_command`, is started for real on a fresh PostgreSQL database."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sweeper.errors import TrackingError
+from sweeper.server import (
+    COMPOSE_ALLOWED_HOSTS,
+    SERVER_ENV,
+    local_command,
+    server_command,
+    server_env,
+    stop_group,
+    wait_ready,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE_TEXT = (REPO / "docker-compose.yml").read_text()
+COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_TEXT)
+SERVICES: dict[str, Any] = COMPOSE["services"]
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
+INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _option(command: list[str], flag: str) -> str:
+    assert flag in command, f"{flag} missing from {command}"
+    return command[command.index(flag) + 1]
+
+
+def _database(url: str) -> str:
+    return url.rsplit("/", 1)[1].split("?", 1)[0]
+
+
+def _published(ports: list[Any]) -> list[tuple[str, str]]:
+    """(host ip, host port) of every published port, short or long syntax."""
+    found = []
+    for port in ports:
+        if isinstance(port, dict):
+            found.append((str(port.get("host_ip", "")), str(port.get("published", ""))))
+        else:
+            parts = str(port).split(":")
+            ip = parts[0] if len(parts) == 3 else ""
+            found.append((ip, parts[-2] if len(parts) >= 2 else ""))
+    return found
+
+
+def _strings(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield str(key)
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+    elif node is not None:
+        yield str(node)
+
+
+def _env_example() -> dict[str, str]:
+    values = {}
+    for line in (REPO / ".env.example").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+def test_services_and_volumes() -> None:
+    assert {"postgres", "mlflow", "worker"} <= set(SERVICES)
+    assert SERVICES["postgres"]["image"].startswith("postgres:16")
+    assert {"postgres", "mlartifacts", "data"} <= set(COMPOSE["volumes"])
+    assert "postgres:/var/lib/postgresql/data" in SERVICES["postgres"]["volumes"]
+    assert "mlartifacts:/mlartifacts" in SERVICES["mlflow"]["volumes"]
+    assert "data:/data" in SERVICES["worker"]["volumes"]
+
+
+def test_every_published_port_is_on_loopback() -> None:
+    published = {name: _published(service.get("ports", []))
+                 for name, service in SERVICES.items()}
+    assert published["mlflow"] == [("127.0.0.1", "5000")]
+    assert published["postgres"] == [("127.0.0.1", "5433")]
+    for name, ports in published.items():
+        for ip, _ in ports:
+            assert ip == "127.0.0.1", f"{name} publishes a port on {ip or 'all interfaces'}"
+
+
+def test_worker_can_be_scaled() -> None:
+    worker = SERVICES["worker"]
+    assert "container_name" not in worker
+    assert not worker.get("ports")
+
+
+def test_healthchecks_and_start_order() -> None:
+    postgres, mlflow, worker = SERVICES["postgres"], SERVICES["mlflow"], SERVICES["worker"]
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    assert "/health" in " ".join(mlflow["healthcheck"]["test"])
+    assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert worker["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert worker["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    assert worker["depends_on"]["data"]["condition"] == "service_completed_successfully"
+
+
+def test_no_literal_password() -> None:
+    assert "${POSTGRES_PASSWORD:?" in SERVICES["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    urls = [text for text in _strings(COMPOSE) if "://" in text and "@" in text]
+    assert len(urls) >= 2  # the Optuna storage and the MLflow backend store
+    for url in urls:
+        credentials = url.split("://", 1)[1].rsplit("@", 1)[0]
+        _user, _, password = credentials.partition(":")
+        assert password.startswith("${POSTGRES_PASSWORD:?"), f"literal password in {url!r}"
+    for name, service in SERVICES.items():
+        environment = service.get("environment") or {}
+        for key, value in environment.items():
+            if "PASSWORD" in key:
+                assert str(value).startswith("${"), f"{name}: {key} is a literal"
+
+
+def test_env_example_defines_every_variable_and_env_is_private() -> None:
+    used = set(INTERPOLATION.findall(COMPOSE_TEXT))
+    assert "POSTGRES_PASSWORD" in used
+    example = _env_example()
+    assert used <= set(example), f"missing in .env.example: {sorted(used - set(example))}"
+    assert example["POSTGRES_PASSWORD"] == "change-me"  # a placeholder, never a secret
+    assert ".env" in (REPO / ".gitignore").read_text().splitlines()
+    assert ".env" in (REPO / ".dockerignore").read_text().splitlines()
+
+
+def test_optuna_and_mlflow_have_their_own_databases() -> None:
+    storage = SERVICES["worker"]["environment"]["SWEEPER_STORAGE"]
+    backend = _option(SERVICES["mlflow"]["command"], "--backend-store-uri")
+    assert storage.startswith("postgresql://") and "@postgres:5432/" in storage
+    assert backend.startswith("postgresql+psycopg2://") and "@postgres:5432/" in backend
+    assert _database(storage) != _database(backend)
+    init = (REPO / "docker" / "postgres-init.sql").read_text()
+    created = set(re.findall(r"CREATE DATABASE (\w+)", init))
+    assert {_database(storage), _database(backend)} <= created
+
+
+def test_mlflow_runs_exactly_sweepers_server_command() -> None:
+    mlflow = SERVICES["mlflow"]
+    backend = _option(mlflow["command"], "--backend-store-uri")
+    assert mlflow["command"] == server_command(backend, "/mlartifacts", host="0.0.0.0",
+                                               port=5000, allowed_hosts=COMPOSE_ALLOWED_HOSTS)
+    assert mlflow["environment"] == SERVER_ENV
+
+
+def test_worker_environment() -> None:
+    worker = SERVICES["worker"]
+    env = worker["environment"]
+    assert env["SWEEPER_STORAGE"].startswith("postgresql://")
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["SWEEPER_DATA_DIR"] == "/data"
+    assert worker["command"][0] == "run"
+    assert worker["build"]["dockerfile"] == "docker/Dockerfile"
+
+
+def test_dockerfiles() -> None:
+    worker = (REPO / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim", worker, re.M)
+    assert re.search(r"^RUN pip install .*\"\.\[postgres\]\"", worker, re.M)
+    assert 'ENTRYPOINT ["sweeper"]' in worker
+    assert 'CMD ["run", "studies/mnist_cnn.yaml"]' in worker
+    server = (REPO / "docker" / "mlflow.Dockerfile").read_text()
+    assert '"mlflow==${MLFLOW_VERSION}"' in server and "psycopg2" in server
+    pins = [re.findall(r"^ARG MLFLOW_VERSION=(\d+\.\d+\.\d+)$", text, re.M)
+            for text in (worker, server)]
+    assert pins[0] == pins[1] and len(pins[0]) == 1  # client and server: one MLflow
+    ignored = (REPO / ".dockerignore").read_text().splitlines()
+    assert {".git", ".venv", "mlruns", "data"} <= set(ignored)
+
+
+# --------------------------------------------------------------------------------------
+# The compose server command, run for real on PostgreSQL
+# --------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def postgres_db() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL, as an MLflow (psycopg2) URI; dropped after."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    name = f"sweeper_test_{uuid.uuid4().hex[:12]}"
+    try:
+        conn = psycopg2.connect(PG_ADMIN)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {exc}")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    finally:
+        conn = psycopg2.connect(PG_ADMIN)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+def _status(url: str, host: str) -> int:
+    request = urllib.request.Request(url, headers={"Host": host})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_compose_server_command_serves_postgresql(postgres_db: str, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    artifacts = tmp_path / "mlartifacts"
+    # The compose command with this machine's database, folder and port.
+    command = server_command(postgres_db, str(artifacts), host="127.0.0.1", port=port,
+                             allowed_hosts=COMPOSE_ALLOWED_HOSTS, workers=1)
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(local_command(command), stdout=out,
+                                   stderr=subprocess.STDOUT, env=server_env(),
+                                   start_new_session=True, cwd=tmp_path)
+    try:
+        try:
+            wait_ready(process, f"{url}/health", timeout=90)
+        except TrackingError as exc:
+            pytest.fail(f"{exc}:\n{log.read_text()[-3000:]}")
+        client = MlflowClient(url)
+        experiment_id = client.create_experiment("compose-check")
+        run = client.create_run(experiment_id, run_name="trial-0")
+        client.log_metric(run.info.run_id, "val_accuracy", 0.97)
+        note = tmp_path / "note.txt"
+        note.write_text("proxied")
+        client.log_artifact(run.info.run_id, str(note))
+        client.set_terminated(run.info.run_id)
+
+        assert client.get_run(run.info.run_id).data.metrics == {"val_accuracy": 0.97}
+        assert client.get_experiment(experiment_id).artifact_location.startswith(
+            "mlflow-artifacts:")
+        assert [p.name for p in artifacts.rglob("note.txt")] == ["note.txt"]  # proxied
+        search = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert _status(search, "mlflow:5000") == 200  # a worker in another container
+        assert _status(search, "127.0.0.1:5000") == 200  # the published port, a tunnel
+        assert _status(search, "evil.example:5000") == 403  # DNS rebinding is refused
+    finally:
+        stop_group(process)

@@ -1,0 +1,460 @@
+"""MLflow tracking against what users run: a real `mlflow server` subprocess (PostgreSQL
+backend when one answers on 127.0.0.1:5432, else SQLite; proxied artifacts), a local
+SQLite store without a server, real Optuna storage and real (tiny) training."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+import pytest
+from mlflow import MlflowClient
+from mlflow_server import MlflowServer, free_port, mlflow_server, postgres_database
+from optuna.trial import TrialState
+
+from sweeper import config
+from sweeper.errors import TrackingError
+from sweeper.study import RunOptions, open_study, run_study
+from sweeper.tracking import (
+    ATTR_PARENT_RUN,
+    MlflowTracker,
+    default_artifact_root,
+    resolve_tracking_uri,
+)
+
+SYNTHETIC = """
+name: {name}
+dataset: {{name: synthetic, synthetic: {{train_size: 512, test_size: 128, image_size: 12}}}}
+model: {{arch: mlp, hidden: [32], dropout: 0.0}}
+train: {{optimizer: adam, lr: 0.01, batch_size: 64}}
+budget: {{trials: 3, epochs: 2}}
+sampler: {{name: random, seed: 0}}
+models: {models}
+space:
+  train.lr: {{float: [1.0e-3, 3.0e-2], log: true}}
+"""
+TRIAL_ARTIFACTS = {
+    "plots/trial.html", "tables/confusion_matrix_val.csv", "tables/confusion_matrix_test.csv",
+    "reports/classification_report_val.json", "reports/classification_report_test.json",
+    "config/trial.yaml",
+}
+
+
+def spec_of(name: str, models: str = "all", **replace: str) -> config.StudySpec:
+    text = SYNTHETIC.format(name=name, models=models)
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return config.loads(text)
+
+
+@pytest.fixture(scope="session")
+def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One MLflow server for the session, as docker compose runs it."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with postgres_database() as database, mlflow_server(root, database) as server:
+        yield server.url
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
+def runs_of(client: MlflowClient, name: str) -> tuple[Any, list[Any]]:
+    """(the parent run, the trial runs by trial number) of study `name`."""
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None, f"no experiment {name!r}"
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweeper.role") == "parent"]
+    trials = sorted((r for r in runs if r.data.tags.get("sweeper.role") == "trial"),
+                    key=lambda r: int(r.data.tags["sweeper.trial_number"]))
+    assert len(parents) == 1, f"{len(parents)} parent runs"
+    return parents[0], trials
+
+
+def artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found: set[str] = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def load_logged_model(tracking_uri: str, model_id: str) -> Any:
+    """A logged model as a torch module, without touching MLflow's global tracking URI
+    (`models:/` URIs ignore `tracking_uri`; the model's own artifact location does not)."""
+    location = MlflowClient(tracking_uri).get_logged_model(model_id).artifact_location
+    local = mlflow.artifacts.download_artifacts(artifact_uri=location,
+                                                tracking_uri=tracking_uri)
+    return mlflow.pytorch.load_model(local)
+
+
+# --------------------------------------------------------------------------------------
+# A study over HTTP: layout, artifacts, model, registry
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def three_trials(mlflow_url: str, tmp_path_factory: pytest.TempPathFactory
+                 ) -> dict[str, Any]:
+    """A 3-trial study run once over HTTP; the tests below read what it left."""
+    root = tmp_path_factory.mktemp("three")
+    study_file = root / "layout.yaml"
+    study_file.write_text(SYNTHETIC.format(name="layout", models="all"))
+    spec = config.load(study_file)
+    storage = f"sqlite:///{root / 'optuna.db'}"
+    tracker = MlflowTracker(mlflow_url)
+    report = run_study(spec, RunOptions(storage=storage, device="cpu"), tracker=tracker)
+    return {"spec": spec, "file": study_file, "storage": storage, "report": report,
+            "tracker": tracker, "client": MlflowClient(mlflow_url), "url": mlflow_url}
+
+
+def test_one_experiment_one_parent_and_a_nested_run_per_trial(three_trials: dict[str, Any]
+                                                             ) -> None:
+    client, tracker = three_trials["client"], three_trials["tracker"]
+    assert [o.state for o in three_trials["report"].outcomes] == ["COMPLETE"] * 3
+    assert tracker.failures == []
+    parent, trials = runs_of(client, "layout")
+    assert parent.info.status == "FINISHED"
+    assert [r.info.run_name for r in trials] == ["trial-0", "trial-1", "trial-2"]
+    study = optuna.load_study(study_name="layout", storage=three_trials["storage"])
+    assert study.user_attrs[ATTR_PARENT_RUN] == parent.info.run_id
+    for run, trial in zip(trials, study.trials, strict=True):
+        tags = run.data.tags
+        assert run.info.status == "FINISHED"
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["sweeper.study"] == "layout" and tags["sweeper.trial_number"] == str(
+            trial.number)
+        assert tags["sweeper.state"] == "COMPLETE"
+        assert {"sweeper.sampler", "sweeper.pruner", "sweeper.device",
+                "sweeper.torch_version"} <= set(tags)
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        # Params are the flat trial config; metrics the final evaluation, per class too.
+        assert float(run.data.params["train.lr"]) == pytest.approx(trial.params["train.lr"])
+        metrics = run.data.metrics
+        assert metrics["val_accuracy"] == pytest.approx(trial.value)
+        assert {"test_accuracy", "val_f1_macro", "test_f1_class_0", "test_auc_micro",
+                "train_seconds", "n_params", "trial_seconds"} <= set(metrics)
+        # Per-epoch curves: one point per epoch, step = epoch.
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert sorted(m.step for m in history) == [1, 2]
+        assert {m.step for m in client.get_metric_history(run.info.run_id,
+                                                          "val_accuracy")} == {1, 2}
+
+
+def test_trial_runs_carry_figures_tables_reports_config(three_trials: dict[str, Any]) -> None:
+    client = three_trials["client"]
+    _, trials = runs_of(client, "layout")
+    run_id = trials[0].info.run_id
+    assert artifacts(client, run_id) == TRIAL_ARTIFACTS
+    local = Path(client.download_artifacts(run_id, ""))
+    page = (local / "plots" / "trial.html").read_text()
+    for figure in ("history", "confusion_matrix_val", "confusion_matrix_test", "roc_test"):
+        assert f'id="{figure}"' in page
+    assert "sweeper-plotlyjs" in page and "cdn.plot.ly" not in page, "works offline"
+    rows = (local / "tables" / "confusion_matrix_test.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and rows[0].endswith("class_3")
+    assert sum(int(v) for row in rows[1:] for v in row.split(",")[1:]) == 128
+    report = json.loads((local / "reports" / "classification_report_val.json").read_text())
+    assert "macro avg" in report
+    trial_cfg = config.TrialConfig.model_validate(
+        __import__("yaml").safe_load((local / "config" / "trial.yaml").read_text()))
+    assert trial_cfg.train.lr == pytest.approx(float(trials[0].data.params["train.lr"]))
+
+
+def test_parent_run_holds_study_file_settings_best_and_figures(three_trials: dict[str, Any]
+                                                              ) -> None:
+    client = three_trials["client"]
+    parent, trials = runs_of(client, "layout")
+    files = artifacts(client, parent.info.run_id)
+    assert "study.yaml" in files
+    assert {"figures/optimization_history.html", "figures/parallel_coordinate.html",
+            "figures/slice.html"} <= files
+    local = client.download_artifacts(parent.info.run_id, "study.yaml")
+    assert Path(local).read_text() == three_trials["file"].read_text()
+    params = parent.data.params
+    assert params["sampler.name"] == "random" and params["objective.metric"] == "val_accuracy"
+    study = optuna.load_study(study_name="layout", storage=three_trials["storage"])
+    best = study.best_trial
+    assert parent.data.metrics["best_value"] == pytest.approx(best.value)
+    assert parent.data.tags["best.trial"] == str(best.number)
+    assert parent.data.tags["best.run_id"] == trials[best.number].info.run_id
+
+
+def test_logged_model_reproduces_the_test_accuracy(three_trials: dict[str, Any]) -> None:
+    from sweeper.data import load_dataset
+    from sweeper.evaluate import evaluate
+
+    client, url = three_trials["client"], three_trials["url"]
+    _, trials = runs_of(client, "layout")
+    run = client.get_run(trials[1].info.run_id)
+    (output,) = run.outputs.model_outputs
+    model = load_logged_model(url, output.model_id)
+    model.eval()  # a plain nn.Module, not an exported graph
+    study = optuna.load_study(study_name="layout", storage=three_trials["storage"])
+    cfg = three_trials["spec"].resolve(study.trials[1].params)
+    data = load_dataset(cfg.dataset, device="cpu")
+    result = evaluate(model, data.test, classes=data.classes)
+    assert result.metrics["accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
+
+
+def test_best_model_is_registered_with_alias(three_trials: dict[str, Any]) -> None:
+    client = three_trials["client"]
+    _, trials = runs_of(client, "layout")
+    study = optuna.load_study(study_name="layout", storage=three_trials["storage"])
+    version = client.get_model_version_by_alias("layout", "best")
+    assert version.run_id == trials[study.best_trial.number].info.run_id
+
+
+# --------------------------------------------------------------------------------------
+# Resume, concurrency, local store
+# --------------------------------------------------------------------------------------
+def test_resume_adds_trials_under_the_same_parent(mlflow_url: str, storage: str) -> None:
+    spec = spec_of("resume", models="none", **{"trials: 3": "trials: 1"})
+    run_study(spec, RunOptions(storage=storage, device="cpu"), tracker=MlflowTracker(mlflow_url))
+    client = MlflowClient(mlflow_url)
+    first_parent, _ = runs_of(client, "resume")
+    assert first_parent.info.status == "FINISHED"
+    run_study(spec, RunOptions(storage=storage, device="cpu", more_trials=1),
+              tracker=MlflowTracker(mlflow_url))
+    parent, trials = runs_of(client, "resume")
+    assert parent.info.run_id == first_parent.info.run_id
+    assert parent.info.status == "FINISHED"
+    assert len(trials) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
+
+
+def test_workers_starting_together_share_one_parent(mlflow_url: str, storage: str) -> None:
+    spec = spec_of("together")
+    studies = [open_study(spec, storage) for _ in range(2)]
+    trackers = [MlflowTracker(mlflow_url) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def start(index: int) -> None:
+        try:
+            barrier.wait()
+            trackers[index].start_study(studies[index], spec)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert trackers[0].parent_run_id == trackers[1].parent_run_id is not None
+    parent, _ = runs_of(MlflowClient(mlflow_url), "together")  # exactly one, asserted there
+    assert parent.info.run_id == trackers[0].parent_run_id
+
+
+def test_local_default_store_needs_no_server(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri() == "sqlite:///mlruns/mlflow.db"
+    tracker = MlflowTracker()
+    spec = spec_of("local", **{"trials: 3": "trials: 1"})
+    report = run_study(spec, RunOptions(storage="sqlite:///mlruns/optuna.db", device="cpu"),
+                       tracker=tracker)
+    assert [o.state for o in report.outcomes] == ["COMPLETE"] and tracker.failures == []
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    parent, (trial,) = runs_of(client, "local")
+    experiment = client.get_experiment(parent.info.experiment_id)
+    artifact_root = (tmp_path / "mlruns" / "artifacts").resolve()
+    assert experiment.artifact_location == f"{artifact_root.as_uri()}/local"
+    assert artifacts(client, trial.info.run_id) >= TRIAL_ARTIFACTS
+    # Everything under mlruns/: the two databases and the artifacts folder, nothing else
+    # (no ./mlruns/<experiment id> from MLflow's defaults).
+    assert {p.name for p in (tmp_path / "mlruns").iterdir()} == {
+        "mlflow.db", "optuna.db", "artifacts"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlruns"]
+    (output,) = client.get_run(trial.info.run_id).outputs.model_outputs
+    model_files = list((artifact_root / "local").rglob("MLmodel"))
+    assert len(model_files) == 1 and output.model_id in str(model_files[0])
+
+
+def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
+    assert resolve_tracking_uri("http://explicit:1") == "http://explicit:1"
+    assert resolve_tracking_uri() == "http://example.invalid:5000"
+    assert default_artifact_root("http://example.invalid:5000") is None
+    db = tmp_path / "deep" / "mlflow.db"
+    assert resolve_tracking_uri(f"sqlite:///{db}") == f"sqlite:///{db}"
+    assert db.parent.is_dir()
+    assert default_artifact_root(f"sqlite:///{db}") == (db.parent / "artifacts").as_uri()
+
+
+# --------------------------------------------------------------------------------------
+# How trials end
+# --------------------------------------------------------------------------------------
+def test_complete_pruned_and_failed_trials_map_to_run_statuses(mlflow_url: str,
+                                                               storage: str) -> None:
+    spec = spec_of("ends", models="none", **{
+        "model: {arch: mlp, hidden: [32], dropout: 0.0}":
+            "model: {arch: cnn, channels: [4, 8], dropout: 0.0}",
+        "budget: {trials: 3, epochs: 2}": "budget: {trials: 3, epochs: 3}",
+        "sampler: {name: random, seed: 0}":
+            "sampler: {name: random, seed: 0}\n"
+            "pruner: {name: median, startup_trials: 1, warmup_epochs: 0}",
+        "  train.lr: {float: [1.0e-3, 3.0e-2], log: true}":
+            "  train.lr: {float: [1.0e-6, 3.0e-2], log: true}\n"
+            "  model.filter_size: {choice: [3, 7]}"})
+    study = open_study(spec, storage)
+    study.enqueue_trial({"train.lr": 0.02, "model.filter_size": 3})
+    study.enqueue_trial({"train.lr": 1e-6, "model.filter_size": 3})  # below the median
+    study.enqueue_trial({"train.lr": 0.02, "model.filter_size": 7})  # 12→6→0: infeasible
+    tracker = MlflowTracker(mlflow_url)
+    report = run_study(spec, RunOptions(storage=storage, device="cpu"), tracker=tracker)
+    assert [o.state for o in report.outcomes] == ["COMPLETE", "PRUNED", "FAIL"]
+    client = MlflowClient(mlflow_url)
+    parent, (complete, pruned, failed) = runs_of(client, "ends")
+    assert complete.info.status == "FINISHED"
+    assert pruned.info.status == "KILLED"
+    assert pruned.data.tags["sweeper.state"] == "PRUNED"
+    assert pruned.data.tags["sweeper.reason"].startswith("pruned at epoch 1")
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["sweeper.state"] == "FAIL"
+    reason = failed.data.tags["sweeper.reason"]
+    assert reason == report.outcomes[2].reason and "model.filter_size=7" in reason
+    assert "error.txt" in artifacts(client, failed.info.run_id)
+    error = Path(client.download_artifacts(failed.info.run_id, "error.txt")).read_text()
+    assert "model.filter_size=7" in error
+    assert parent.info.status == "FINISHED"
+    assert tracker.failures == []
+
+
+def test_interrupted_trial_leaves_no_running_run(mlflow_url: str, storage: str) -> None:
+    def interrupt(event: str, info: dict[str, Any]) -> None:
+        if event == "epoch":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec_of("interrupted"), RunOptions(storage=storage, device="cpu"),
+                  tracker=MlflowTracker(mlflow_url), progress=interrupt)
+    (trial,) = optuna.load_study(study_name="interrupted", storage=storage).trials
+    assert trial.state == TrialState.FAIL
+    parent, (run,) = runs_of(MlflowClient(mlflow_url), "interrupted")
+    assert run.info.status in ("KILLED", "FAILED")
+    assert run.data.tags["sweeper.reason"] == "interrupted"
+    assert parent.info.status == "KILLED"
+
+
+# --------------------------------------------------------------------------------------
+# Models policy
+# --------------------------------------------------------------------------------------
+def test_models_best_logs_only_improvements_and_moves_the_alias(mlflow_url: str,
+                                                                storage: str) -> None:
+    spec = spec_of("policy-best", models="best", **{
+        "  train.lr: {float: [1.0e-3, 3.0e-2], log: true}":
+            "  train.lr: {float: [1.0e-6, 3.0e-2], log: true}"})
+    study = open_study(spec, storage)
+    for lr in (1e-6, 0.02, 1e-6):  # poor, then better, then worse than the best
+        study.enqueue_trial({"train.lr": lr})
+    run_study(spec, RunOptions(storage=storage, device="cpu"), tracker=MlflowTracker(mlflow_url))
+    values = [t.value for t in optuna.load_study(study_name="policy-best",
+                                                 storage=storage).trials]
+    assert values[1] > values[0] and values[2] < values[1], values
+    client = MlflowClient(mlflow_url)
+    _, trials = runs_of(client, "policy-best")
+    logged = [bool(client.get_run(r.info.run_id).outputs.model_outputs) for r in trials]
+    assert logged == [True, True, False]
+    versions = client.search_model_versions("name = 'policy-best'")
+    assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in trials[:2])
+    assert client.get_model_version_by_alias("policy-best", "best").run_id == \
+        trials[1].info.run_id
+
+
+def test_models_none_logs_no_model_and_registers_nothing(mlflow_url: str,
+                                                         storage: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    spec = spec_of("policy-none", models="none", **{"trials: 3": "trials: 1"})
+    run_study(spec, RunOptions(storage=storage, device="cpu"), tracker=MlflowTracker(mlflow_url))
+    client = MlflowClient(mlflow_url)
+    _, (run,) = runs_of(client, "policy-none")
+    assert not client.get_run(run.info.run_id).outputs.model_outputs
+    with pytest.raises(MlflowException):
+        client.get_registered_model("policy-none")
+
+
+def test_multi_objective_study_keeps_a_pareto_front_and_no_registry(mlflow_url: str,
+                                                                    storage: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    spec = spec_of("pareto", models="best", **{
+        "budget: {trials: 3, epochs: 2}":
+            "budget: {trials: 2, epochs: 2}\n"
+            "objectives: [{metric: val_accuracy}, {metric: n_params}]",
+        "  train.lr: {float: [1.0e-3, 3.0e-2], log: true}":
+            "  model.hidden: {choice: [[8], [32]]}"})
+    tracker = MlflowTracker(mlflow_url)
+    report = run_study(spec, RunOptions(storage=storage, device="cpu"), tracker=tracker)
+    assert [o.state for o in report.outcomes] == ["COMPLETE"] * 2
+    assert tracker.failures == []
+    client = MlflowClient(mlflow_url)
+    parent, trials = runs_of(client, "pareto")
+    front = optuna.load_study(study_name="pareto", storage=storage).best_trials
+    assert parent.data.tags["best.trials"] == ",".join(str(t.number) for t in front)
+    assert parent.data.metrics["pareto_size"] == len(front)
+    assert "figures/pareto_front.html" in artifacts(client, parent.info.run_id)
+    # `models: best` keeps the model of every trial that was on the front when it ended.
+    assert bool(client.get_run(trials[0].info.run_id).outputs.model_outputs)
+    with pytest.raises(MlflowException):
+        client.get_registered_model("pareto")
+
+
+# --------------------------------------------------------------------------------------
+# Faults
+# --------------------------------------------------------------------------------------
+def test_unreachable_server_fails_before_anything_is_written(storage: str) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(TrackingError) as caught:
+        run_study(spec_of("unreachable"), RunOptions(storage=storage, device="cpu"),
+                  tracker=MlflowTracker(url))
+    message = str(caught.value)
+    assert "cannot reach the MLflow server" in message and url in message
+    assert "\n" not in message
+    assert optuna.get_all_study_names(storage) == []
+
+
+def test_unreachable_database_fails_before_anything_is_written(
+        tmp_path: Path, storage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/mlflow"
+    with pytest.raises(TrackingError, match="cannot connect to the MLflow database"):
+        run_study(spec_of("no-db"), RunOptions(storage=storage, device="cpu"),
+                  tracker=MlflowTracker(url))
+    assert optuna.get_all_study_names(storage) == []
+    assert not (tmp_path / "mlruns").exists(), "no artifact folder for a store that is down"
+
+
+def test_server_lost_mid_study_loses_no_optuna_result(
+        tmp_path: Path, storage: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast once it is gone
+    server = MlflowServer(tmp_path / "doomed").start()
+    try:
+        url = server.wait_ready()
+
+        def kill_after_first_trial(event: str, info: dict[str, Any]) -> None:
+            if event == "trial" and info["outcome"].number == 0:
+                server.kill()
+
+        tracker = MlflowTracker(url)
+        with caplog.at_level(logging.WARNING, logger="sweeper.tracking"):
+            report = run_study(spec_of("doomed"), RunOptions(storage=storage, device="cpu"),
+                               tracker=tracker, progress=kill_after_first_trial)
+    finally:
+        server.stop()
+    assert [o.state for o in report.outcomes] == ["COMPLETE"] * 3
+    trials = optuna.load_study(study_name="doomed", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert tracker.failures, "the lost server was reported"
+    assert any("could not" in r.getMessage() for r in caplog.records)
+    assert all("\n" not in f for f in tracker.failures)

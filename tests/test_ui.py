@@ -1,0 +1,158 @@
+"""`sweeper ui` as a person meets it: the command starts a real MLflow server on a local
+store, headless Chromium opens the study's page and must show its trials, and Ctrl-C stops
+the server (exit 130, port free again). Plus the one-line errors of the command."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sweeper.cli import app
+from sweeper.errors import TrackingError
+from sweeper.server import browser_url, resolve_ui_store, run_server, server_command
+
+runner = CliRunner()
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+STUDY = "ui-study"
+TRIALS = ("trial-0", "trial-1", "trial-2")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _sweeper() -> list[str]:
+    script = Path(sys.executable).with_name("sweeper")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "sweeper.cli"]
+
+
+def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM is not None
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--disable-dev-shm-usage", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+         "--virtual-time-budget=20000", "--window-size=1400,900", *args],
+        capture_output=True, text=True, timeout=120, check=False)
+
+
+def _study_store(root: Path) -> tuple[str, str]:
+    """A local SQLite store laid out like `sweeper run`'s: an experiment named like the
+    study, one finished run per trial. Returns (store URI, experiment id)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment(
+        STUDY, artifact_location=(root / "artifacts" / STUDY).as_uri(),
+        tags={"sweeper.study": STUDY})
+    for number, name in enumerate(TRIALS):
+        run = client.create_run(experiment_id, run_name=name,
+                                tags={"sweeper.study": STUDY,
+                                      "sweeper.trial_number": str(number)})
+        client.log_param(run.info.run_id, "train.lr", f"{10 ** -(number + 2):g}")
+        client.log_metric(run.info.run_id, "val_accuracy", 0.95 + number / 100)
+        client.set_terminated(run.info.run_id)
+    return uri, experiment_id
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
+                    "(apt-get install chromium; .ci/run installs it)")
+def test_ui_shows_the_study_in_a_browser_and_ctrl_c_stops_it(tmp_path: Path) -> None:
+    store, experiment_id = _study_store(tmp_path / "store")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "ui.log"
+    with log.open("w") as out:
+        ui = subprocess.Popen([*_sweeper(), "ui", "--backend-store-uri", store,
+                               "--port", str(port)],
+                              stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 90
+        while "MLflow UI:" not in log.read_text():
+            assert ui.poll() is None, f"sweeper ui exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"sweeper ui not ready:\n{log.read_text()}"
+            time.sleep(0.25)
+        assert f"MLflow UI: {url}" in log.read_text()
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            assert response.read() == b"OK"
+
+        # MLflow 3.17 opens experiments in its GenAI view (traces) unless told the workflow
+        # is model training; that view lists the runs.
+        page = f"{url}/#/experiments/{experiment_id}?workflowType=machine_learning"
+        dom = _chromium("--dump-dom", page, profile=tmp_path / "profile-dom")
+        assert dom.returncode == 0, dom.stderr[-2000:]
+        for name in (STUDY, *TRIALS):
+            assert name in dom.stdout, f"{name!r} not in the rendered page"
+        screenshot = tmp_path / "experiment.png"
+        shot = _chromium(f"--screenshot={screenshot}", page, profile=tmp_path / "profile-png")
+        assert shot.returncode == 0, shot.stderr[-2000:]
+        assert screenshot.stat().st_size > 10_000  # a rendered page, not a blank one
+
+        ui.send_signal(signal.SIGINT)  # Ctrl-C
+        assert ui.wait(timeout=30) == 130, log.read_text()
+    finally:
+        if ui.poll() is None:
+            ui.terminate()
+            ui.wait(timeout=30)
+    assert "MLflow UI stopped" in log.read_text()
+    assert _port_is_free(port), "the mlflow server outlived sweeper ui"
+
+
+def test_http_tracking_uri_is_one_line_exit_2() -> None:
+    result = runner.invoke(app, ["ui"], env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1
+    assert "$MLFLOW_TRACKING_URI is http://mlflow:5000, an MLflow server" in result.output
+    result = runner.invoke(app, ["ui", "--backend-store-uri", "https://x.example"])
+    assert result.exit_code == 2 and "--backend-store-uri is https://x.example" in result.output
+
+
+def test_busy_port_is_one_line_exit_2(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, ["ui", "--backend-store-uri",
+                                     f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port)])
+    assert result.exit_code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output
+    assert "--port" in result.output
+
+
+def test_store_and_url_defaults() -> None:
+    assert resolve_ui_store(None, {}) == "sqlite:///mlruns/mlflow.db"
+    assert resolve_ui_store(None, {"MLFLOW_TRACKING_URI": "sqlite:///x.db"}) == "sqlite:///x.db"
+    assert resolve_ui_store("sqlite:///y.db", {"MLFLOW_TRACKING_URI": "sqlite:///x.db"}) == (
+        "sqlite:///y.db")
+    assert browser_url("0.0.0.0", 5000) == "http://127.0.0.1:5000"
+    assert server_command("sqlite:///mlruns/mlflow.db", "mlruns/artifacts") == [
+        "mlflow", "server", "--backend-store-uri", "sqlite:///mlruns/mlflow.db",
+        "--artifacts-destination", "mlruns/artifacts", "--serve-artifacts",
+        "--host", "127.0.0.1", "--port", "5000"]
+
+
+def test_a_server_that_dies_early_is_one_line() -> None:
+    with pytest.raises(TrackingError, match="exited with code 3 before it was ready"):
+        run_server(["sh", "-c", "exit 3"], "http://127.0.0.1:9/health")
