@@ -1,0 +1,123 @@
+"""What tracking costs a trial: the same trial with tracking off, on the local SQLite store,
+and over HTTP to a real `mlflow server`, measured in one run (floor: <= 5% of trial time).
+
+The trial: the default ConvNet, 1 epoch on a 10,000-image MNIST subset, `models: all`
+(every trial logs its model, plots, tables and per-epoch metrics).
+
+    SWEEPER_DATA_DIR=../shared/data python benchmarks/tracking_overhead.py [--trials 3]
+
+Each mode runs the same trials (same config, same seed) in a fresh study, interleaved; the
+first trial of each mode is a warm-up (lazy imports, store creation) and not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from sweeper import config
+from sweeper.server import local_command, server_command, server_env
+from sweeper.study import RunOptions, Worker, open_study
+from sweeper.tracking import MlflowTracker
+
+STUDY = """
+name: overhead-{mode}
+dataset: {{name: mnist, subset: 10000}}
+model: {{arch: cnn}}
+budget: {{trials: 100, epochs: 1}}
+sampler: {{name: random, seed: 0}}
+models: all
+"""
+
+
+def start_server(root: Path, port: int) -> subprocess.Popen[bytes]:
+    command = local_command(server_command(f"sqlite:///{root / 'server.db'}",
+                                           str(root / "artifacts"), port=port, workers=1,
+                                           access_log=False))
+    process = subprocess.Popen(command, env=server_env(), cwd=root, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return process
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise SystemExit("mlflow server did not start")
+
+
+class Mode:
+    """One study (tracking off, local or HTTP) whose trials are timed."""
+
+    def __init__(self, mode: str, tracking_uri: str | None, root: Path,
+                 data_dir: str | None) -> None:
+        self.spec = config.loads(STUDY.format(mode=mode))
+        options = RunOptions(storage=f"sqlite:///{root / f'optuna-{mode}.db'}", device="cpu",
+                             data_dir=Path(data_dir) if data_dir else None)
+        self.tracker = MlflowTracker(tracking_uri) if tracking_uri else None
+        self.worker = Worker(self.spec, options, tracker=self.tracker)
+        self.worker.dataset(self.spec.dataset)
+        self.study = open_study(self.spec, options.storage)
+        if self.tracker is not None:
+            self.tracker.check()
+            self.tracker.start_study(self.study, self.spec)
+        self.seconds: list[float] = []
+
+    def trial(self) -> None:
+        started = time.perf_counter()
+        outcome = self.worker.run_trial(self.study)
+        self.seconds.append(time.perf_counter() - started)
+        assert outcome.state == "COMPLETE", outcome
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.end_study(self.study, interrupted=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--port", type=int, default=5987)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        server = start_server(root, args.port)
+        try:
+            modes = {
+                "off": None,
+                "sqlite": f"sqlite:///{root / 'mlflow.db'}",
+                "http": f"http://127.0.0.1:{args.port}",
+            }
+            runs = {mode: Mode(mode, uri, root, args.data_dir) for mode, uri in modes.items()}
+            # Interleaved, so that whatever else the machine does slows every mode alike.
+            for _ in range(args.trials + 1):
+                for run in runs.values():
+                    run.trial()
+            for run in runs.values():
+                run.close()
+            results = {mode: run.seconds[1:] for mode, run in runs.items()}
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    base = statistics.median(results["off"])
+    print(f"trial: default cnn, 1 epoch on 10,000 MNIST images, models: all; "
+          f"median of {args.trials} trials after a warm-up")
+    print(f"{'tracking':<10} {'trial s':>8} {'overhead s':>11} {'overhead %':>11}")
+    for mode, seconds in results.items():
+        median = statistics.median(seconds)
+        print(f"{mode:<10} {median:>8.2f} {median - base:>11.2f} "
+              f"{100 * (median - base) / median:>10.1f}%")
+    worst = max(100 * (statistics.median(s) - base) / statistics.median(s)
+                for s in results.values())
+    print(f"worst tracking overhead: {worst:.1f}% of trial wall time (floor 5%)")
+
+
+if __name__ == "__main__":
+    main()
