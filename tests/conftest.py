@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,26 +44,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> object:
-    """A fresh PostgreSQL database on 127.0.0.1:5432 for this test session, dropped after.
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database on 127.0.0.1:5432 for this test session, dropped after,
+    as a bare `postgresql://` URL (what users write). Skips when no server answers."""
+    from mlflow_server import postgres_database
 
-    Skips when no server answers (the tests of the SQLite paths still run)."""
-    import uuid
-
-    psycopg2 = pytest.importorskip("psycopg2")
-    admin = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
-    name = f"sweeper_test_{uuid.uuid4().hex[:12]}"
-    try:
-        conn = psycopg2.connect(admin)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {exc}")
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    conn = psycopg2.connect(admin)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    conn.close()
+    with postgres_database("sweeper_test", scheme="postgresql") as url:
+        if url is None:
+            pytest.skip("no PostgreSQL on 127.0.0.1:5432 (or psycopg2 missing)")
+        yield url

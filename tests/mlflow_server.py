@@ -133,9 +133,11 @@ def mlflow_server(root: Path, backend_store_uri: str | None = None) -> Iterator[
 
 
 @contextlib.contextmanager
-def postgres_database(prefix: str = "sweeper_mlflow") -> Iterator[str | None]:
-    """A fresh PostgreSQL database on 127.0.0.1:5432 (dropped on exit) as a psycopg2 URL,
-    or None when no server answers or psycopg2 is missing: callers fall back to SQLite."""
+def postgres_database(prefix: str = "sweeper_mlflow", scheme: str = "postgresql+psycopg2"
+                      ) -> Iterator[str | None]:
+    """A fresh PostgreSQL database on 127.0.0.1:5432 (dropped on exit) as a URL with
+    `scheme`, or None when no server answers or psycopg2 is missing: callers fall back to
+    SQLite or skip. The one place tests create (and drop) databases."""
     try:
         import psycopg2
     except ImportError:
@@ -152,7 +154,7 @@ def postgres_database(prefix: str = "sweeper_mlflow") -> Iterator[str | None]:
         cur.execute(f'CREATE DATABASE "{name}"')
     conn.close()
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+        yield f"{scheme}://postgres@127.0.0.1:5432/{name}"
     finally:
         with contextlib.suppress(Exception):
             conn = psycopg2.connect(PG_ADMIN)

@@ -10,13 +10,13 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from mlflow_server import postgres_database
 
 from sweeper.errors import TrackingError
 from sweeper.server import (
@@ -33,7 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE_TEXT = (REPO / "docker-compose.yml").read_text()
 COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_TEXT)
 SERVICES: dict[str, Any] = COMPOSE["services"]
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -197,24 +196,10 @@ def _free_port() -> int:
 @pytest.fixture
 def postgres_db() -> Iterator[str]:
     """A fresh database on the local PostgreSQL, as an MLflow (psycopg2) URI; dropped after."""
-    psycopg2 = pytest.importorskip("psycopg2")
-    name = f"sweeper_test_{uuid.uuid4().hex[:12]}"
-    try:
-        conn = psycopg2.connect(PG_ADMIN)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {exc}")
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
-    try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    finally:
-        conn = psycopg2.connect(PG_ADMIN)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.close()
+    with postgres_database("sweeper_test") as url:
+        if url is None:
+            pytest.skip("no PostgreSQL on 127.0.0.1:5432 (or psycopg2 missing)")
+        yield url
 
 
 def _status(url: str, host: str) -> int:
