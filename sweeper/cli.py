@@ -13,13 +13,16 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 
 from sweeper import __version__
 from sweeper.errors import ConfigError, SweeperError
+
+if TYPE_CHECKING:
+    from sweeper.config import StudySpec
 
 app = typer.Typer(
     name="sweeper",
@@ -154,7 +157,24 @@ def run(
         if tracker is not None and tracker.parent_run_id is not None:
             note = f"; {len(tracker.failures)} tracking warning(s)" if tracker.failures else ""
             out.print(f"MLflow: experiment {spec.name!r} in {tracker.where}, parent run "
-                      f"{tracker.parent_run_id}{note}")
+                      f"{tracker.parent_run_id}{note}", markup=False, soft_wrap=True)
+            hint = _browse_hint(tracker.tracking_uri, tracker.experiment_id, spec)
+            out.print(f"  browse: {hint}", markup=False, soft_wrap=True)
+
+
+def _browse_hint(tracking_uri: str, experiment_id: str | None, spec: StudySpec) -> str:
+    """Where to see the trials: the server's page, else `sweeper ui` on the local store."""
+    from sweeper import server
+
+    if tracking_uri.startswith(("http://", "https://")) and experiment_id:
+        objective = spec.objective_list[0]
+        return server.trial_runs_url(tracking_uri, experiment_id, objective.metric,
+                                     objective.direction == "maximize")
+    default = server.sqlite_path(server.DEFAULT_TRACKING_URI)
+    here = server.sqlite_path(tracking_uri)
+    if here is not None and default is not None and here.resolve() == default.resolve():
+        return "sweeper ui"
+    return f"sweeper ui --backend-store-uri {tracking_uri}"
 
 
 @app.command()

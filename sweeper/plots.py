@@ -114,7 +114,7 @@ def roc_figure(roc: Mapping[str, tuple[np.ndarray, np.ndarray]],
     order = [n for n in ("micro", "macro") if n in roc] + [
         n for n in roc if n not in ("micro", "macro")]
     for name in order:
-        fpr, tpr = _thin_curve(*roc[name])
+        fpr, tpr = thin_curve(*roc[name])
         auc = aucs.get(name)
         label = f"{name} (AUC {auc:.3f})" if auc is not None and math.isfinite(auc) else name
         average = name in ("micro", "macro")
@@ -128,7 +128,7 @@ def roc_figure(roc: Mapping[str, tuple[np.ndarray, np.ndarray]],
     return fig
 
 
-def _thin_curve(fpr: np.ndarray, tpr: np.ndarray, max_points: int = ROC_MAX_POINTS
+def thin_curve(fpr: np.ndarray, tpr: np.ndarray, max_points: int = ROC_MAX_POINTS
                 ) -> tuple[np.ndarray, np.ndarray]:
     """At most ~`max_points` points of a ROC curve, dense near fpr=0 where curves differ."""
     fpr = np.asarray(fpr, dtype=np.float64)
@@ -140,6 +140,40 @@ def _thin_curve(fpr: np.ndarray, tpr: np.ndarray, max_points: int = ROC_MAX_POIN
                                      np.geomspace(1e-4, 1.0, half), [0.0, 1.0]]))
     grid = grid[(grid >= fpr[0]) & (grid <= fpr[-1])]
     return grid, np.interp(grid, fpr, tpr)
+
+
+def write_roc_csv(path: str | Path, roc: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                  metrics: Mapping[str, float]) -> Path:
+    """ROC curves as a table (`curve,fpr,tpr,auc`), thinned like the figure: what a report
+    redraws without the model or the data."""
+    import csv
+
+    target = Path(path)
+    with target.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["curve", "fpr", "tpr", "auc"])
+        for name, (fpr, tpr) in roc.items():
+            auc = metrics.get(f"auc_{name}", float("nan"))
+            for x, y in zip(*thin_curve(fpr, tpr), strict=True):
+                writer.writerow([name, f"{x:.6g}", f"{y:.6g}", f"{auc:.6g}"])
+    return target
+
+
+def read_roc_csv(path: str | Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
+                                           dict[str, float]]:
+    """What `write_roc_csv` wrote: (curves, AUC by curve name)."""
+    import csv
+
+    points: dict[str, tuple[list[float], list[float]]] = {}
+    aucs: dict[str, float] = {}
+    with Path(path).open(newline="") as f:
+        for row in csv.DictReader(f):
+            xs, ys = points.setdefault(row["curve"], ([], []))
+            xs.append(float(row["fpr"]))
+            ys.append(float(row["tpr"]))
+            aucs[row["curve"]] = float(row["auc"])
+    curves = {k: (np.asarray(x), np.asarray(y)) for k, (x, y) in points.items()}
+    return curves, {k: v for k, v in aucs.items() if math.isfinite(v)}
 
 
 # --------------------------------------------------------------------------------------

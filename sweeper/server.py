@@ -144,6 +144,29 @@ def browser_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The runs page of an experiment in MLflow's model-training view (MLflow 3 opens its
+    GenAI view by default, which does not list runs)."""
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?workflowType=machine_learning")
+
+
+def trial_runs_url(base: str, experiment_id: str, metric: str = "val_accuracy",
+                   maximize: bool = True) -> str:
+    """The runs page with every trial run listed flat, best `metric` first. Sorted by
+    creation time (the default), the UI folds trial runs under their collapsed parent."""
+    from urllib.parse import quote
+
+    key = quote(f"metrics.`{metric}`", safe="")
+    return (f"{experiment_url(base, experiment_id)}&orderByKey={key}"
+            f"&orderByAsc={'false' if maximize else 'true'}")
+
+
+def run_url(base: str, experiment_id: str, run_id: str) -> str:
+    """The UI page of one run."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def check_port_free(host: str, port: int) -> None:
     """Fail in one line when something already listens on host:port (another UI?)."""
     try:

@@ -38,6 +38,7 @@ ATTR_REASON = "fail_reason"
 ATTR_METRICS = "metrics"
 ATTR_CONFIG = "config"
 ATTR_RUN_ID = "mlflow_run_id"
+ATTR_MODEL_ID = "mlflow_model_id"  # set only when the trial's model was logged
 # Study user attributes.
 ATTR_SPEC = "sweeper.spec"
 
@@ -56,6 +57,7 @@ class TrialOutcome:
     params: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     detail: str | None = None  # the traceback of an unexpected error, for the record
+    interrupted: bool = False  # stopped by Ctrl-C or a signal, not by its config
 
 
 @dataclass
@@ -258,8 +260,9 @@ class Worker:
             outcome.reason = str(pruned) or "pruned"
         except TrialFailure as exc:
             outcome.reason = str(exc)
-        except KeyboardInterrupt:
-            outcome.reason = "interrupted"
+        except KeyboardInterrupt as stop:  # Ctrl-C, or a signal (see `workers`)
+            outcome.reason = getattr(stop, "reason", None) or "interrupted"
+            outcome.interrupted = True
             outcome.seconds = time.monotonic() - started
             self._tell(study, trial, outcome)
             raise

@@ -4,14 +4,18 @@ SQLite store without a server, real Optuna storage and real (tiny) training."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import optuna
 import pytest
 from mlflow import MlflowClient
@@ -20,6 +24,8 @@ from optuna.trial import TrialState
 
 from sweeper import config
 from sweeper.errors import TrackingError
+from sweeper.plots import read_roc_csv
+from sweeper.storage import open_storage
 from sweeper.study import RunOptions, open_study, run_study
 from sweeper.tracking import (
     ATTR_PARENT_RUN,
@@ -42,7 +48,7 @@ space:
 TRIAL_ARTIFACTS = {
     "plots/trial.html", "tables/confusion_matrix_val.csv", "tables/confusion_matrix_test.csv",
     "reports/classification_report_val.json", "reports/classification_report_test.json",
-    "config/trial.yaml",
+    "config/trial.yaml", "tables/roc_test.csv",
 }
 
 
@@ -95,33 +101,57 @@ def load_logged_model(tracking_uri: str, model_id: str) -> Any:
     return mlflow.pytorch.load_model(local)
 
 
+def layout_study(three_trials: dict[str, Any]) -> optuna.Study:
+    """The Optuna study of `three_trials`, through sweeper's storage (psycopg2 on PG)."""
+    return optuna.load_study(study_name="layout",
+                             storage=open_storage(three_trials["storage"]))
+
+
 # --------------------------------------------------------------------------------------
 # A study over HTTP: layout, artifacts, model, registry
 # --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def three_trials(mlflow_url: str, tmp_path_factory: pytest.TempPathFactory
-                 ) -> dict[str, Any]:
-    """A 3-trial study run once over HTTP; the tests below read what it left."""
-    root = tmp_path_factory.mktemp("three")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def three_trials(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[dict[str, Any]]:
+    """A 3-trial study run once over HTTP per backend; the tests below read what it left.
+
+    `sqlite`: the server on a SQLite store, the Optuna study in SQLite. `postgresql`: the
+    server on one fresh PostgreSQL database and the Optuna study on another, as the
+    compose stack runs them."""
+    backend = request.param
+    root = tmp_path_factory.mktemp(f"three-{backend}")
     study_file = root / "layout.yaml"
     study_file.write_text(SYNTHETIC.format(name="layout", models="all"))
     spec = config.load(study_file)
-    storage = f"sqlite:///{root / 'optuna.db'}"
-    tracker = MlflowTracker(mlflow_url)
-    report = run_study(spec, RunOptions(storage=storage, device="cpu"), tracker=tracker)
-    return {"spec": spec, "file": study_file, "storage": storage, "report": report,
-            "tracker": tracker, "client": MlflowClient(mlflow_url), "url": mlflow_url}
+    with contextlib.ExitStack() as stack:
+        if backend == "postgresql":
+            store = stack.enter_context(postgres_database("sweeper_mlflow"))
+            storage = stack.enter_context(postgres_database("sweeper_optuna",
+                                                            scheme="postgresql"))
+            if store is None or storage is None:
+                pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+        else:
+            store, storage = None, f"sqlite:///{root / 'optuna.db'}"
+        server = stack.enter_context(mlflow_server(root / "server", store))
+        tracker = MlflowTracker(server.url)
+        report = run_study(spec, RunOptions(storage=storage, device="cpu"), tracker=tracker)
+        yield {"spec": spec, "file": study_file, "storage": storage, "report": report,
+               "tracker": tracker, "client": MlflowClient(server.url), "url": server.url,
+               "backend": backend, "server": server}
 
 
 def test_one_experiment_one_parent_and_a_nested_run_per_trial(three_trials: dict[str, Any]
                                                              ) -> None:
     client, tracker = three_trials["client"], three_trials["tracker"]
+    backend = three_trials["backend"]
+    assert three_trials["storage"].startswith(backend)
+    assert three_trials["server"].backend_store_uri.startswith(backend)
     assert [o.state for o in three_trials["report"].outcomes] == ["COMPLETE"] * 3
     assert tracker.failures == []
     parent, trials = runs_of(client, "layout")
     assert parent.info.status == "FINISHED"
     assert [r.info.run_name for r in trials] == ["trial-0", "trial-1", "trial-2"]
-    study = optuna.load_study(study_name="layout", storage=three_trials["storage"])
+    study = layout_study(three_trials)
     assert study.user_attrs[ATTR_PARENT_RUN] == parent.info.run_id
     for run, trial in zip(trials, study.trials, strict=True):
         tags = run.data.tags
@@ -133,6 +163,8 @@ def test_one_experiment_one_parent_and_a_nested_run_per_trial(three_trials: dict
         assert {"sweeper.sampler", "sweeper.pruner", "sweeper.device",
                 "sweeper.torch_version"} <= set(tags)
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        (output,) = client.get_run(run.info.run_id).outputs.model_outputs
+        assert trial.user_attrs["mlflow_model_id"] == output.model_id
         # Params are the flat trial config; metrics the final evaluation, per class too.
         assert float(run.data.params["train.lr"]) == pytest.approx(trial.params["train.lr"])
         metrics = run.data.metrics
@@ -161,6 +193,12 @@ def test_trial_runs_carry_figures_tables_reports_config(three_trials: dict[str, 
     assert sum(int(v) for row in rows[1:] for v in row.split(",")[1:]) == 128
     report = json.loads((local / "reports" / "classification_report_val.json").read_text())
     assert "macro avg" in report
+    curves, aucs = read_roc_csv(local / "tables" / "roc_test.csv")
+    assert {"micro", "macro", "class_0"} <= set(curves)
+    assert aucs["micro"] == pytest.approx(trials[0].data.metrics["test_auc_micro"], rel=1e-4)
+    fpr, tpr = curves["micro"]
+    assert tpr[-1] == 1
+    assert fpr[0] == 0 and fpr[-1] == 1 and (np.diff(fpr) >= 0).all()
     trial_cfg = config.TrialConfig.model_validate(
         __import__("yaml").safe_load((local / "config" / "trial.yaml").read_text()))
     assert trial_cfg.train.lr == pytest.approx(float(trials[0].data.params["train.lr"]))
@@ -178,7 +216,7 @@ def test_parent_run_holds_study_file_settings_best_and_figures(three_trials: dic
     assert Path(local).read_text() == three_trials["file"].read_text()
     params = parent.data.params
     assert params["sampler.name"] == "random" and params["objective.metric"] == "val_accuracy"
-    study = optuna.load_study(study_name="layout", storage=three_trials["storage"])
+    study = layout_study(three_trials)
     best = study.best_trial
     assert parent.data.metrics["best_value"] == pytest.approx(best.value)
     assert parent.data.tags["best.trial"] == str(best.number)
@@ -195,17 +233,68 @@ def test_logged_model_reproduces_the_test_accuracy(three_trials: dict[str, Any])
     (output,) = run.outputs.model_outputs
     model = load_logged_model(url, output.model_id)
     model.eval()  # a plain nn.Module, not an exported graph
-    study = optuna.load_study(study_name="layout", storage=three_trials["storage"])
+    study = layout_study(three_trials)
     cfg = three_trials["spec"].resolve(study.trials[1].params)
     data = load_dataset(cfg.dataset, device="cpu")
     result = evaluate(model, data.test, classes=data.classes)
     assert result.metrics["accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
 
 
+def test_logged_model_serves_over_http(three_trials: dict[str, Any], tmp_path: Path) -> None:
+    """`mlflow models serve` (the pyfunc flavour, this environment) answers /invocations with
+    the logits the torch model gives for the stored input example."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import numpy as np
+    import torch
+
+    if three_trials["backend"] != "sqlite":
+        pytest.skip("the model files are the same on every backend")
+    client, url = three_trials["client"], three_trials["url"]
+    _, trials = runs_of(client, "layout")
+    (output,) = client.get_run(trials[0].info.run_id).outputs.model_outputs
+    location = client.get_logged_model(output.model_id).artifact_location
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=url,
+                                                     dst_path=str(tmp_path)))
+    example = json.loads((local / "serving_input_example.json").read_text())
+    port = free_port()
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    log = (tmp_path / "serve.log").open("w")
+    serve = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", str(local),
+                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        body = None
+        while body is None:
+            assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations", data=json.dumps(example).encode(),
+                    headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    body = json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=30)
+    served = np.asarray(body["predictions"], dtype=np.float32)
+    model = mlflow.pytorch.load_model(str(local)).eval()
+    with torch.no_grad():
+        expected = model(torch.tensor(example["inputs"], dtype=torch.float32)).numpy()
+    assert served.shape == expected.shape == (4, 4)  # EXAMPLE_IMAGES x classes
+    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_best_model_is_registered_with_alias(three_trials: dict[str, Any]) -> None:
     client = three_trials["client"]
     _, trials = runs_of(client, "layout")
-    study = optuna.load_study(study_name="layout", storage=three_trials["storage"])
+    study = layout_study(three_trials)
     version = client.get_model_version_by_alias("layout", "best")
     assert version.run_id == trials[study.best_trial.number].info.run_id
 

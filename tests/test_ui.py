@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from sweeper.cli import app
 from sweeper.errors import TrackingError
-from sweeper.server import browser_url, resolve_ui_store, run_server, server_command
+from sweeper.server import browser_url, resolve_ui_store, run_server, server_command, trial_runs_url
 
 runner = CliRunner()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -57,24 +57,33 @@ def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
         capture_output=True, text=True, timeout=120, check=False)
 
 
+STUDY_FILE = f"""
+name: {STUDY}
+dataset: {{name: synthetic, synthetic: {{train_size: 256, test_size: 64, image_size: 8}}}}
+model: {{arch: mlp, hidden: [16]}}
+budget: {{trials: 3, epochs: 1}}
+sampler: {{name: random, seed: 0}}
+models: none
+space:
+  train.lr: {{float: [1.0e-3, 1.0e-1], log: true}}
+"""
+
+
 def _study_store(root: Path) -> tuple[str, str]:
-    """A local SQLite store laid out like `sweeper run`'s: an experiment named like the
-    study, one finished run per trial. Returns (store URI, experiment id)."""
+    """The store a real `sweeper run` of a 3-trial study leaves (a parent run, three nested
+    trial runs). Returns (store URI, experiment id)."""
     from mlflow import MlflowClient
 
+    root.mkdir(parents=True)
+    (root / "study.yaml").write_text(STUDY_FILE)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment_id = client.create_experiment(
-        STUDY, artifact_location=(root / "artifacts" / STUDY).as_uri(),
-        tags={"sweeper.study": STUDY})
-    for number, name in enumerate(TRIALS):
-        run = client.create_run(experiment_id, run_name=name,
-                                tags={"sweeper.study": STUDY,
-                                      "sweeper.trial_number": str(number)})
-        client.log_param(run.info.run_id, "train.lr", f"{10 ** -(number + 2):g}")
-        client.log_metric(run.info.run_id, "val_accuracy", 0.95 + number / 100)
-        client.set_terminated(run.info.run_id)
-    return uri, experiment_id
+    run = subprocess.run([*_sweeper(), "run", "study.yaml", "--tracking-uri", uri,
+                          "--storage", f"sqlite:///{root / 'optuna.db'}", "--device", "cpu"],
+                         cwd=root, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    experiment = MlflowClient(uri).get_experiment_by_name(STUDY)
+    assert experiment is not None
+    return uri, experiment.experiment_id
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
@@ -99,8 +108,9 @@ def test_ui_shows_the_study_in_a_browser_and_ctrl_c_stops_it(tmp_path: Path) -> 
             assert response.read() == b"OK"
 
         # MLflow 3.17 opens experiments in its GenAI view (traces) unless told the workflow
-        # is model training; that view lists the runs.
-        page = f"{url}/#/experiments/{experiment_id}?workflowType=machine_learning"
+        # is model training; that view lists the runs. Trial runs are nested under the
+        # parent (collapsed) unless a filter lists them flat: the link sweeper prints.
+        page = trial_runs_url(url, experiment_id)
         dom = _chromium("--dump-dom", page, profile=tmp_path / "profile-dom")
         assert dom.returncode == 0, dom.stderr[-2000:]
         for name in (STUDY, *TRIALS):

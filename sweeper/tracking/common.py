@@ -1,0 +1,152 @@
+"""Names and small helpers shared by the tracking modules: the tags and attributes that
+link Optuna and MLflow, and how values become MLflow keys, params and one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Optuna study user attributes that link the study to MLflow.
+ATTR_PARENT_RUN = "mlflow_parent_run_id"
+ATTR_EXPERIMENT = "mlflow_experiment_id"
+
+TAG_STUDY = "sweeper.study"
+TAG_ROLE = "sweeper.role"
+TAG_TRIAL = "sweeper.trial_number"
+TAG_STATE = "sweeper.state"
+TAG_REASON = "sweeper.reason"
+TAG_PARENT = "mlflow.parentRunId"
+REGISTRY_ALIAS = "best"
+
+REASON_MAX_CHARS = 5000  # MLflow allows 8000 per tag value; leave room for multi-byte text
+# MLflow's own HTTP retry budget is 7 retries with backoff factor 2: about 4 minutes per
+# failed request, which would stall a sweep whose server went away. Sweeper's defaults,
+# applied only where the user has not set these variables:
+HTTP_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+
+def chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def metric_key(key: str) -> str:
+    """A metric name MLflow accepts (class names may hold other characters)."""
+    return _BAD_KEY_CHARS.sub("_", key)
+
+
+def param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text[:6000]
+
+
+def finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def truncate(text: str, limit: int = REASON_MAX_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one short line; MLflow's HTTP errors carry a whole urllib3 repr."""
+    text = str(exc)
+    for marker, short in (("Connection refused", "connection refused"),
+                          ("Name or service not known", "unknown host"),
+                          ("Read timed out", "timed out"), ("ConnectTimeout", "timed out")):
+        if marker in text:
+            url = re.search(r"API request to (\S+)", text)
+            return f"{short}{f' ({url.group(1)})' if url else ''}"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return truncate(lines[0] if lines else type(exc).__name__, 300)
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    return json.dumps(value, indent=indent, default=str, sort_keys=indent is not None)
+
+
+def device_name(explicit: str | None) -> str:
+    from sweeper.train import resolve_device
+
+    try:
+        return str(resolve_device(explicit))
+    except Exception:
+        return str(explicit or "unknown")
+
+
+def model_device(model: Any) -> str | None:
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return str(param.device) if param is not None else None
+
+
+def write_confusion_csv(path: Path, confusion: Any, classes: list[str]) -> None:
+    import csv
+
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *classes])
+        for name, row in zip(classes, confusion, strict=True):
+            writer.writerow([name, *(int(v) for v in row)])
+
+
+def requirements() -> list[str]:
+    """Pinned requirements of a logged model, given so MLflow does not infer them (which
+    costs a subprocess and ~6 s per model)."""
+    pins = []
+    for package in ("torch", "numpy", "cloudpickle"):
+        try:
+            pins.append(f"{package}=={importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+@contextlib.contextmanager
+def quiet(logger: str) -> Iterator[None]:
+    target = logging.getLogger(logger)
+    previous = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(previous)
+
+
+@contextlib.contextmanager
+def http_env(*, retries: int, timeout: int) -> Iterator[None]:
+    """MLflow's HTTP retry and timeout settings, for the duration of a quick probe."""
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)}
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

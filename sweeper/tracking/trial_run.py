@@ -1,0 +1,415 @@
+"""One trial's nested MLflow run: opened before training, fed per-epoch metrics, given the
+model, figures, tables and final metrics, and ended with the status Optuna's state maps to.
+
+Only what the trial needs before it can go on happens on the training thread: creating the
+run (its id goes into the Optuna trial) and creating the model's record (its id too, so
+the read side needs no MLflow query to find a trial's model). Everything else (metric
+batches, the model files, figures, tables, the final status) is queued on the tracker's
+one background thread, in order, so the next trial trains while this one uploads. A
+run's status is always the last thing queued for it, so a run never ends with its
+metrics or files still in flight; `end_study` waits for the queue.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sweeper.study import ATTR_MODEL_ID, ATTR_RUN_ID
+from sweeper.tracking.common import (
+    MLFLOW_STATUS,
+    TAG_PARENT,
+    TAG_REASON,
+    TAG_ROLE,
+    TAG_STATE,
+    TAG_STUDY,
+    TAG_TRIAL,
+    chunks,
+    device_name,
+    finite,
+    json_text,
+    metric_key,
+    model_device,
+    now_ms,
+    param_value,
+    quiet,
+    requirements,
+    truncate,
+    write_confusion_csv,
+)
+
+if TYPE_CHECKING:
+    import optuna
+
+    from sweeper.config import TrialConfig
+    from sweeper.study import TrialOutcome
+    from sweeper.tracking.tracker import MlflowTracker
+
+log = logging.getLogger(__name__)
+
+EXAMPLE_IMAGES = 4  # real input images stored with each model (its input example)
+
+
+@dataclass(frozen=True)
+class LoggedModel:
+    run_id: str
+    model_id: str
+    location: str  # the artifact location of the model's files
+
+
+@dataclass
+class _ModelFiles:
+    """What the background upload of a model needs, prepared on the training thread."""
+
+    logged: LoggedModel
+    cpu_model: Any
+    example: Any  # numpy (EXAMPLE_IMAGES, C, H, W)
+    signature: Any
+    metadata: dict[str, Any]
+    step: int
+
+
+class TrialRun:
+    """What `MlflowTracker.trial_run` yields: the `TrialRun` the loop logs into.
+
+    A run whose creation failed, or whose logging failed once, quietly ignores further
+    logging (one warning, not one per epoch) but is still ended with a status.
+    """
+
+    def __init__(self, tracker: MlflowTracker, trial: optuna.Trial,
+                 config: TrialConfig) -> None:
+        self.tracker = tracker
+        self.trial = trial
+        self.config = config
+        self.number = trial.number
+        self.run_id: str | None = None
+        self.broken = False
+        self.ending = False  # its final status is queued
+        self.ended_as: str | None = None  # the status this run was terminated with
+        self.error_logged = False
+        self.model_id: str | None = None
+        self._ops: list[Future[Any]] = []
+
+    # -- plumbing -----------------------------------------------------------------------
+    @property
+    def live(self) -> bool:
+        return self.run_id is not None and not self.broken and not self.tracker.disabled
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(...)` now, on this thread; a failure marks the run broken (one warning)."""
+        if not self.live:
+            return None
+        before = len(self.tracker.failures)
+        result = self.tracker.call(f"{what} (trial {self.number})", fn, *args, **kwargs)
+        if len(self.tracker.failures) > before:
+            self.broken = True
+        return result
+
+    def _queue(self, what: str, fn: Callable[..., Any], *args: Any,
+               always: bool = False, **kwargs: Any) -> None:
+        """`fn(...)` on the background thread, after everything queued before it. Skipped
+        there if the run broke in the meantime (unless `always`: ending the run)."""
+        if self.run_id is None or self.tracker.disabled or (self.broken and not always):
+            return
+
+        def guarded() -> None:
+            if self.tracker.disabled or (self.broken and not always):
+                return
+            if always:
+                self.broken = False  # ending a run is tried even after an earlier failure
+            self._call(what, fn, *args, **kwargs)
+
+        self._ops.append(self.tracker.submit(guarded))
+
+    def _batch(self, what: str, **entities: Any) -> None:
+        """One `log_batch`, in the background."""
+        self._queue(what, self.tracker.client.log_batch, self.run_id, **entities)
+
+    def wait(self) -> None:
+        """Block until everything queued for this run is done (failures were reported
+        where they happened)."""
+        ops, self._ops = self._ops, []
+        for op in ops:
+            op.result()
+
+    @property
+    def pending(self) -> bool:
+        return any(not op.done() for op in self._ops)
+
+    # -- opening --------------------------------------------------------------------------
+    def open(self) -> None:
+        import torch
+        from mlflow.entities import Param
+
+        tracker = self.tracker
+        if tracker.disabled or tracker.experiment_id is None or tracker.parent_run_id is None:
+            return
+        spec = tracker.spec
+        tags = {
+            TAG_PARENT: tracker.parent_run_id,
+            TAG_STUDY: spec.name,
+            TAG_TRIAL: str(self.number),
+            TAG_ROLE: "trial",
+            "sweeper.sampler": spec.sampler.name,
+            "sweeper.pruner": spec.pruner.name,
+            "sweeper.device": device_name(tracker.device),
+            "sweeper.torch_version": torch.__version__,
+        }
+        if tracker.worker:
+            tags["sweeper.worker"] = tracker.worker
+        run = tracker.call(f"create the run of trial {self.number}",
+                           tracker.client.create_run, tracker.experiment_id,
+                           run_name=f"trial-{self.number}", tags=tags)
+        if run is None:
+            return
+        self.run_id = run.info.run_id
+        try:
+            self.trial.set_user_attr(ATTR_RUN_ID, self.run_id)
+        except Exception as exc:  # the Optuna storage's problem is the loop's to report
+            log.debug("could not record the run id on trial %d: %s", self.number, exc)
+        params = [Param(k, param_value(v)) for k, v in self.config.flat().items()]
+        for chunk in chunks(params, 100):
+            self._batch("log params", params=chunk)
+
+    # -- the TrialRun protocol -------------------------------------------------------------
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """One batch per epoch, `step=epoch`, sent in the background."""
+        if not self.live:
+            return
+        with self.tracker.timed("trial.epoch"):
+            from mlflow.entities import Metric
+
+            now = now_ms()
+            batch = [Metric(metric_key(k), float(v), now, int(epoch))
+                     for k, v in metrics.items() if k != "epoch" and finite(v)]
+            self._batch("log epoch metrics", metrics=batch)
+
+    def log_result(self, *, model: Any, data: Any, history: list[dict[str, float]],
+                   evaluations: dict[str, Any], metrics: dict[str, float],
+                   values: list[float]) -> None:
+        """The model (as the `models:` policy says), the final metrics in one batch, and
+        figures, tables, reports and the resolved config in one upload."""
+        if not self.live:
+            return
+        tracker = self.tracker
+        policy = tracker.spec.models
+        if policy == "all" or (policy == "best" and self._beats_best(values)):
+            with tracker.timed("trial.model"):
+                files = self._call("create the model's record", self._prepare_model, model,
+                                   data, metrics)
+            if files is not None:
+                self.model_id = files.logged.model_id
+                tracker.models[self.number] = files.logged
+                self._queue("upload the model", self._upload_model, files)
+        with tracker.timed("trial.metrics"):
+            self._log_final_metrics(model, metrics, history)
+        with tracker.timed("trial.artifacts"):
+            self._queue("upload figures and tables", self._log_artifacts, history,
+                        evaluations, list(data.classes))
+
+    def _beats_best(self, values: list[float]) -> bool:
+        try:
+            return self.tracker.beats_best(self.trial.study, values)
+        except Exception as exc:  # Optuna storage trouble: keep the model, to be safe
+            log.debug("could not compare trial %d with the best: %s", self.number, exc)
+            return True
+
+    def _log_final_metrics(self, model: Any, metrics: dict[str, float],
+                           history: list[dict[str, float]]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        now = now_ms()
+        # At the last epoch's step, so the run's latest value of val_accuracy is the
+        # final evaluation's.
+        step = int(history[-1].get("epoch", len(history))) if history else 0
+        batch = [Metric(metric_key(k), float(v), now, step, model_id=self.model_id)
+                 for k, v in metrics.items() if finite(v)]
+        tags = []
+        device = model_device(model)
+        if device:
+            tags.append(RunTag("sweeper.device", device))
+        for chunk in chunks(batch, 900):
+            self._batch("log final metrics", metrics=chunk, tags=tags)
+            tags = []
+
+    def _log_artifacts(self, history: list[dict[str, float]], evaluations: dict[str, Any],
+                       classes: list[str]) -> None:
+        """Figures (one offline HTML page), confusion matrices and ROC curves as CSV,
+        classification reports as JSON and the resolved config as YAML, in one upload."""
+        import yaml
+
+        from sweeper import plots
+
+        assert self.run_id is not None
+        with tempfile.TemporaryDirectory(prefix="sweeper-trial-") as tmp:
+            root = Path(tmp)
+            figures = plots.trial_figures(history, evaluations, classes)
+            plots.write_page(root / "plots" / "trial.html", figures,
+                             title=f"{self.tracker.spec.name} trial {self.number}")
+            (root / "tables").mkdir()
+            (root / "reports").mkdir()
+            (root / "config").mkdir()
+            for split, ev in evaluations.items():
+                write_confusion_csv(root / "tables" / f"confusion_matrix_{split}.csv",
+                                    ev.confusion, classes)
+                (root / "reports" / f"classification_report_{split}.json").write_text(
+                    json_text(ev.report, indent=2))
+            test = evaluations.get("test")
+            if test is not None and test.roc:
+                plots.write_roc_csv(root / "tables" / "roc_test.csv", test.roc, test.metrics)
+            (root / "config" / "trial.yaml").write_text(
+                yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+            self.tracker.client.log_artifacts(self.run_id, tmp)
+
+    def _prepare_model(self, model: Any, data: Any, metrics: dict[str, float]) -> _ModelFiles:
+        """The model's record in MLflow (its id is known at once) and a CPU copy of it;
+        the files themselves are written and uploaded in the background.
+
+        Pickled (not `pt2`): `torch.export` graphs can neither switch to eval mode nor move
+        to another device once loaded, and sweeper promises `load_model` a plain module.
+        The weights are copied to the CPU first, so a model trained on a GPU loads anywhere
+        (and the GPU copy can be freed while the upload runs).
+        """
+        import torch
+        from mlflow.models import infer_signature
+
+        tracker = self.tracker
+        spec = tracker.spec
+        assert self.run_id is not None and tracker.experiment_id
+        cpu_model = copy.deepcopy(model).to("cpu").eval()
+        example = data.val.x[:EXAMPLE_IMAGES].detach().to("cpu", torch.float32).contiguous()
+        with torch.no_grad():
+            output = cpu_model(example).numpy()
+        example_np = example.numpy()
+        logged = tracker.client.create_logged_model(
+            tracker.experiment_id, name="model", source_run_id=self.run_id,
+            params={k: param_value(v) for k, v in self.config.flat().items()},
+            tags={TAG_STUDY: spec.name, TAG_TRIAL: str(self.number)}, model_type="pytorch")
+        try:
+            self.trial.set_user_attr(ATTR_MODEL_ID, logged.model_id)
+        except Exception as exc:
+            log.debug("could not record the model id on trial %d: %s", self.number, exc)
+        metadata = {"sweeper": {
+            "study": spec.name, "trial_number": self.number, "dataset": data.name,
+            "classes": list(data.classes), "input_shape": list(data.input_shape),
+            "normalize_mean": list(data.mean), "normalize_std": list(data.std)}}
+        return _ModelFiles(LoggedModel(self.run_id, logged.model_id, logged.artifact_location),
+                           cpu_model, example_np, infer_signature(example_np, output),
+                           metadata, int(metrics.get("epochs_run", 0)))
+
+    def _upload_model(self, files: _ModelFiles) -> None:
+        """Write the model in MLflow's PyTorch flavour, upload it, mark it READY and attach
+        it to the run as an output (a failed upload leaves it FAILED, never PENDING)."""
+        import mlflow.pytorch
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
+
+        client = self.tracker.client
+        logged = files.logged
+        try:
+            with tempfile.TemporaryDirectory(prefix="sweeper-model-") as tmp:
+                path = os.path.join(tmp, "model")
+                mlflow_model = Model(artifact_path=logged.location,
+                                     model_uuid=logged.model_id, run_id=logged.run_id,
+                                     model_id=logged.model_id)
+                with quiet("mlflow.pytorch"):  # its pickle warning, once per model
+                    mlflow.pytorch.save_model(
+                        files.cpu_model, path, mlflow_model=mlflow_model,
+                        signature=files.signature, input_example=files.example,
+                        pip_requirements=requirements(), metadata=files.metadata,
+                        serialization_format="pickle")
+                client.log_model_artifacts(logged.model_id, path)
+        except BaseException:
+            try:
+                client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            except Exception as exc:
+                log.debug("could not mark model %s FAILED: %s", logged.model_id, exc)
+            raise
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        client.log_outputs(logged.run_id, [LoggedModelOutput(logged.model_id,
+                                                             step=files.step)])
+
+    # -- the end ----------------------------------------------------------------------------
+    def abort(self, exc: BaseException) -> None:
+        """Queue the run's end on the exception that ends the trial (see `trial_run`)."""
+        import traceback
+
+        import optuna
+
+        from sweeper.errors import TrialFailure
+
+        if isinstance(exc, optuna.TrialPruned):
+            state, status, reason, detail = "PRUNED", "KILLED", str(exc) or "pruned", None
+        elif isinstance(exc, TrialFailure):
+            state, status, reason, detail = "FAIL", "FAILED", str(exc), None
+        elif isinstance(exc, Exception):
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = f"{type(exc).__name__}: {lines[0] if lines else ''}"  # as study.py says
+            detail = "".join(traceback.format_exception(exc))
+            state, status = "FAIL", "FAILED"
+        else:  # KeyboardInterrupt, SystemExit: a person stopped it, the config did not fail
+            state, status = "FAIL", "KILLED"
+            reason, detail = getattr(exc, "reason", None) or "interrupted", None
+        self.end(state, status, reason, detail or reason)
+
+    def finish(self, outcome: TrialOutcome) -> None:
+        """The final record, from what Optuna was told."""
+        status = MLFLOW_STATUS[outcome.state]
+        if outcome.state == "FAIL" and outcome.interrupted:
+            status = "KILLED"
+        self.end(outcome.state, status, outcome.reason, outcome.detail or outcome.reason,
+                 seconds=outcome.seconds)
+
+    def close_unreported(self, reason: str, status: str) -> None:
+        """End a run whose `trial_ended` never came (the Optuna tell failed, or Ctrl-C)."""
+        if self.ending:
+            return
+        self.end("FAIL", status, reason, reason)
+
+    def end(self, state: str, status: str, reason: str | None, error: str | None,
+            seconds: float | None = None) -> None:
+        """Queue tags, error.txt and the terminal status after everything else of the run."""
+        if self.run_id is None or self.tracker.disabled:
+            return
+        self.ending = True
+        self._queue(f"end the run as {status}", self._end, state, status, reason, error,
+                    seconds, always=True)
+
+    def _end(self, state: str, status: str, reason: str | None, error: str | None,
+             seconds: float | None) -> None:
+        """Tags, error.txt and the terminal status, each only if not already so. Runs on
+        the background thread; every step is tried (a run left RUNNING is worse than one
+        more warning), then the first failure is raised."""
+        from mlflow.entities import Metric, RunTag
+
+        assert self.run_id is not None
+        client = self.tracker.client
+        run_id = self.run_id
+        tags = [RunTag(TAG_STATE, state)]
+        if reason:
+            tags.append(RunTag(TAG_REASON, truncate(reason)))
+        metrics = [Metric("trial_seconds", float(seconds), now_ms(), 0)] if seconds else []
+        errors: list[Exception] = []
+
+        def attempt(fn: Callable[[], Any]) -> bool:
+            try:
+                fn()
+            except Exception as exc:
+                errors.append(exc)
+                return False
+            return True
+
+        attempt(lambda: client.log_batch(run_id, metrics=metrics, tags=tags))
+        if state == "FAIL" and error and not self.error_logged:
+            self.error_logged = attempt(lambda: client.log_text(run_id, error, "error.txt"))
+        if self.ended_as != status and attempt(lambda: client.set_terminated(run_id, status)):
+            self.ended_as = status
+        if errors:
+            raise errors[0]
