@@ -49,21 +49,34 @@ def engine_kwargs(url: str) -> dict[str, Any]:
 
 
 def open_storage(url: str, *, heartbeat_interval: int | None = None,
-                 grace_period: int | None = None) -> optuna.storages.RDBStorage:
-    """Connect (creating the schema if needed); an unreachable store is one clear line."""
+                 grace_period: int | None = None, read_only: bool = False
+                 ) -> optuna.storages.RDBStorage:
+    """Connect (creating the schema if needed); an unreachable store is one clear line.
+
+    `read_only` skips creating tables and checking the schema version (a third of a
+    second, most of what a `sweeper best` would otherwise spend in the database)."""
     import optuna
     import sqlalchemy.exc
 
-    _ensure_sqlite_folder(url)
+    if not read_only:
+        _ensure_sqlite_folder(url)
     try:
         return optuna.storages.RDBStorage(
             sqlalchemy_url(url), engine_kwargs=engine_kwargs(url),
-            heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+            heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+            skip_compatibility_check=read_only, skip_table_creation=read_only)
     except ImportError as exc:
         raise StorageError(f"cannot open Optuna storage {redact(url)}: its database driver "
                            f"is not installed; pip install 'sweeper[postgres]'") from exc
-    except (sqlalchemy.exc.SQLAlchemyError, ValueError) as exc:
-        raise StorageError(f"cannot open Optuna storage {redact(url)}: {_first_line(exc)}; "
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError,
+            ValueError) as exc:
+        # Optuna wraps SQL errors in StorageInternalError: the cause says what happened.
+        cause = exc.__cause__ if isinstance(exc.__cause__, sqlalchemy.exc.SQLAlchemyError) \
+            else exc
+        if read_only and "no such table" in str(cause):
+            raise StorageError(f"{redact(url)} is not an Optuna storage (it has no Optuna "
+                               f"tables); check --storage / ${STORAGE_ENV}") from exc
+        raise StorageError(f"cannot open Optuna storage {redact(url)}: {_first_line(cause)}; "
                            f"check --storage / ${STORAGE_ENV}") from exc
 
 

@@ -53,3 +53,36 @@ def postgres_url() -> Iterator[str]:
         if url is None:
             pytest.skip("no PostgreSQL on 127.0.0.1:5432 (or psycopg2 missing)")
         yield url
+
+
+@pytest.fixture(scope="session")
+def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One MLflow server for the session, as docker compose runs it: PostgreSQL-backed
+    when PostgreSQL answers, else SQLite; proxied artifacts."""
+    from mlflow_server import mlflow_server, postgres_database
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with postgres_database() as database, mlflow_server(root, database) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def digits_smoke(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The shipped `studies/digits_smoke.yaml`, run once with the default local stores:
+    returns the folder whose `mlruns/` holds them (chdir there to use the defaults)."""
+    from typer.testing import CliRunner
+
+    from sweeper.cli import app
+
+    root = tmp_path_factory.mktemp("digits-smoke")
+    previous = Path.cwd()
+    saved = {k: os.environ.pop(k, None) for k in ("SWEEPER_STORAGE", "MLFLOW_TRACKING_URI")}
+    os.chdir(root)
+    try:
+        result = CliRunner().invoke(app, ["run", str(REPO / "studies" / "digits_smoke.yaml"),
+                                          "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    finally:
+        os.chdir(previous)
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+    yield root

@@ -60,14 +60,6 @@ def spec_of(name: str, models: str = "all", **replace: str) -> config.StudySpec:
     return config.loads(text)
 
 
-@pytest.fixture(scope="session")
-def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One MLflow server for the session, as docker compose runs it."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    with postgres_database() as database, mlflow_server(root, database) as server:
-        yield server.url
-
-
 @pytest.fixture
 def storage(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'optuna.db'}"

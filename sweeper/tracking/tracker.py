@@ -32,10 +32,7 @@ import contextlib
 import logging
 import os
 import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,15 +52,14 @@ from sweeper.tracking.common import (
     TAG_STUDY,
     TAG_TRIAL,
     chunks,
-    http_env,
     json_text,
     now_ms,
     one_line,
     param_value,
 )
+from sweeper.tracking.probe import check_store
 from sweeper.tracking.trial_run import LoggedModel, TrialRun
 from sweeper.tracking.uris import (
-    TRACKING_ENV,
     client_uri,
     default_artifact_root,
     is_http,
@@ -81,8 +77,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-CHECK_TIMEOUT_S = 15.0  # `check` answers within this, whatever the network does
-CHECK_REQUEST_TIMEOUT_S = 5  # per HTTP request or SQL connect during `check`
 # A second worker that finds the experiment just created waits this long for the first
 # worker's parent run, instead of racing to create its own.
 PARENT_WAIT_S = 10.0
@@ -207,31 +201,11 @@ class MlflowTracker:
 
     # -- before anything is written ---------------------------------------------------
     def check(self) -> None:
-        """Raise TrackingError (one line, within `CHECK_TIMEOUT_S`) if the store cannot be
-        used: called before any Optuna study or trial is written, so that a typo in the
-        URI or a server that is down costs nothing to fix."""
-        outcome: dict[str, BaseException] = {}
-
-        def probe() -> None:
-            try:
-                self._probe()
-            except BaseException as exc:  # handed to the caller's thread
-                outcome["error"] = exc
-
+        """Raise TrackingError (one line, within 15 s) if the store cannot be used: called
+        before any Optuna study or trial is written."""
         with self.timed("check"):
-            thread = threading.Thread(target=probe, name="sweeper-mlflow-check", daemon=True)
-            thread.start()
-            thread.join(CHECK_TIMEOUT_S)
-        if thread.is_alive():
-            raise TrackingError(f"MLflow tracking store {self.where} did not answer within "
-                                f"{CHECK_TIMEOUT_S:.0f} s; check --tracking-uri / "
-                                f"${TRACKING_ENV}, or run with --no-tracking")
-        error = outcome.get("error")
-        if isinstance(error, TrackingError):
-            raise error
-        if error is not None:
-            raise TrackingError(f"MLflow tracking store {self.where} cannot be used: "
-                                f"{one_line(error)}") from error
+            check_store(self.tracking_uri, lambda: self.client,
+                        escape="or run with --no-tracking")
 
     def _prepare_local(self, *, artifacts: bool) -> None:
         """Create a local store's folders: the SQLite file's (before MLflow opens it) and,
@@ -244,67 +218,6 @@ class MlflowTracker:
 
             Path(unquote(urlparse(self.artifact_root).path)).mkdir(parents=True,
                                                                    exist_ok=True)
-
-    def _probe(self) -> None:
-        uri = self.tracking_uri
-        self._prepare_local(artifacts=False)
-        if is_http(uri):
-            self._probe_http(uri.rstrip("/"))
-        elif sqlite_path(uri) is None and "://" in uri and not uri.startswith("file:"):
-            self._probe_sql(uri)
-        try:
-            with http_env(retries=0, timeout=CHECK_REQUEST_TIMEOUT_S):
-                self.client.search_experiments(max_results=1)
-        except Exception as exc:
-            if is_http(uri) and "error code 404" in str(exc):
-                raise TrackingError(f"no MLflow tracking server answers at {self.where} (HTTP "
-                                    f"404 from its REST API); check --tracking-uri / "
-                                    f"${TRACKING_ENV}") from exc
-            hint = ""
-            if "alembic" in str(exc).lower() or "revision" in str(exc).lower():
-                hint = (" (is this the Optuna database? MLflow and Optuna need separate "
-                        "databases)")
-            raise TrackingError(f"MLflow tracking store {self.where} refused a request: "
-                                f"{one_line(exc)}{hint}") from exc
-
-    def _probe_http(self, base: str) -> None:
-        """A plain GET with a short timeout: MLflow's client would retry for minutes."""
-        try:
-            with urllib.request.urlopen(f"{base}/health",
-                                        timeout=CHECK_REQUEST_TIMEOUT_S) as response:
-                response.read(64)
-        except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):
-                raise TrackingError(
-                    f"MLflow server {self.where} refused access (HTTP {exc.code}); set "
-                    f"MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or "
-                    f"MLFLOW_TRACKING_TOKEN") from exc
-            # No /health behind some proxies: the API request below decides.
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TrackingError(
-                f"cannot reach the MLflow server at {self.where} ({reason}); start it "
-                f"(e.g. docker compose up -d), fix --tracking-uri / ${TRACKING_ENV}, or run "
-                f"with --no-tracking") from exc
-
-    def _probe_sql(self, uri: str) -> None:
-        """Connect once with a short timeout: MLflow's own engine retries for ~30 s."""
-        import sqlalchemy
-
-        connect_args: dict[str, Any] = {}
-        if uri.startswith(("postgresql", "postgres", "mysql")):
-            connect_args["connect_timeout"] = CHECK_REQUEST_TIMEOUT_S
-        try:
-            engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
-            try:
-                with engine.connect():
-                    pass
-            finally:
-                engine.dispose()
-        except Exception as exc:
-            raise TrackingError(f"cannot connect to the MLflow database {self.where}: "
-                                f"{one_line(exc)}; check --tracking-uri / "
-                                f"${TRACKING_ENV}") from exc
 
     # -- the study ------------------------------------------------------------------------
     def start_study(self, study: optuna.Study, spec: StudySpec) -> None:

@@ -208,6 +208,8 @@ class TrialRun:
                 self.model_id = files.logged.model_id
                 tracker.models[self.number] = files.logged
                 self._queue("upload the model", self._upload_model, files)
+        else:
+            self._record_model_id("")  # known to have none: the read side need not look
         with tracker.timed("trial.metrics"):
             self._log_final_metrics(model, metrics, history)
         with tracker.timed("trial.artifacts"):
@@ -292,10 +294,7 @@ class TrialRun:
             tracker.experiment_id, name="model", source_run_id=self.run_id,
             params={k: param_value(v) for k, v in self.config.flat().items()},
             tags={TAG_STUDY: spec.name, TAG_TRIAL: str(self.number)}, model_type="pytorch")
-        try:
-            self.trial.set_user_attr(ATTR_MODEL_ID, logged.model_id)
-        except Exception as exc:
-            log.debug("could not record the model id on trial %d: %s", self.number, exc)
+        self._record_model_id(logged.model_id)
         metadata = {"sweeper": {
             "study": spec.name, "trial_number": self.number, "dataset": data.name,
             "classes": list(data.classes), "input_shape": list(data.input_shape),
@@ -303,6 +302,12 @@ class TrialRun:
         return _ModelFiles(LoggedModel(self.run_id, logged.model_id, logged.artifact_location),
                            cpu_model, example_np, infer_signature(example_np, output),
                            metadata, int(metrics.get("epochs_run", 0)))
+
+    def _record_model_id(self, model_id: str) -> None:
+        try:
+            self.trial.set_user_attr(ATTR_MODEL_ID, model_id)
+        except Exception as exc:  # the Optuna storage's problem is the loop's to report
+            log.debug("could not record the model id on trial %d: %s", self.number, exc)
 
     def _upload_model(self, files: _ModelFiles) -> None:
         """Write the model in MLflow's PyTorch flavour, upload it, mark it READY and attach

@@ -1,0 +1,120 @@
+"""Is the tracking store usable? One clear line within `CHECK_TIMEOUT_S`, before anything
+is written: a typo in the URI or a server that is down costs nothing to fix.
+
+MLflow's own client retries a failed HTTP request for minutes and its SQL engine for ~30 s,
+so the probe asks first with plain, short-timeout requests.
+"""
+
+from __future__ import annotations
+
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sweeper.errors import TrackingError
+from sweeper.storage import redact
+from sweeper.tracking.common import http_env, one_line
+from sweeper.tracking.uris import TRACKING_ENV, is_http, sqlite_path
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+CHECK_TIMEOUT_S = 15.0  # the whole check answers within this, whatever the network does
+CHECK_REQUEST_TIMEOUT_S = 5  # per HTTP request or SQL connect
+
+
+def check_store(uri: str, make_client: Callable[[], MlflowClient], *, escape: str = ""
+                ) -> None:
+    """Raise TrackingError (one line, within `CHECK_TIMEOUT_S`) unless a client on `uri`
+    answers. The client is made inside the time limit (MLflow's SQL stores connect, and
+    retry for minutes, as the client is made). `escape` ends messages that say how to go
+    on without tracking, e.g. "or run with --no-tracking"."""
+    outcome: dict[str, BaseException] = {}
+    where = redact(uri)
+    suffix = f", {escape}" if escape else ""
+
+    def probe() -> None:
+        try:
+            _probe(uri, make_client, suffix)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=probe, name="sweeper-mlflow-check", daemon=True)
+    thread.start()
+    thread.join(CHECK_TIMEOUT_S)
+    if thread.is_alive():
+        raise TrackingError(f"MLflow tracking store {where} did not answer within "
+                            f"{CHECK_TIMEOUT_S:.0f} s; check --tracking-uri / "
+                            f"${TRACKING_ENV}{suffix}")
+    error = outcome.get("error")
+    if isinstance(error, TrackingError):
+        raise error
+    if error is not None:
+        raise TrackingError(f"MLflow tracking store {where} cannot be used: "
+                            f"{one_line(error)}") from error
+
+
+def _probe(uri: str, make_client: Callable[[], MlflowClient], suffix: str) -> None:
+    where = redact(uri)
+    path = sqlite_path(uri)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if is_http(uri):
+        _probe_http(uri.rstrip("/"), where, suffix)
+    elif path is None and "://" in uri and not uri.startswith("file:"):
+        _probe_sql(uri, where)
+    try:
+        with http_env(retries=0, timeout=CHECK_REQUEST_TIMEOUT_S):
+            make_client().search_experiments(max_results=1)
+    except Exception as exc:
+        if is_http(uri) and "error code 404" in str(exc):
+            raise TrackingError(f"no MLflow tracking server answers at {where} (HTTP 404 "
+                                f"from its REST API); check --tracking-uri / "
+                                f"${TRACKING_ENV}") from exc
+        hint = ""
+        if "alembic" in str(exc).lower() or "revision" in str(exc).lower():
+            hint = " (is this the Optuna database? MLflow and Optuna need separate databases)"
+        raise TrackingError(f"MLflow tracking store {where} refused a request: "
+                            f"{one_line(exc)}{hint}") from exc
+
+
+def _probe_http(base: str, where: str, suffix: str) -> None:
+    """A plain GET with a short timeout."""
+    try:
+        with urllib.request.urlopen(f"{base}/health",
+                                    timeout=CHECK_REQUEST_TIMEOUT_S) as response:
+            response.read(64)
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise TrackingError(
+                f"MLflow server {where} refused access (HTTP {exc.code}); set "
+                f"MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or "
+                f"MLFLOW_TRACKING_TOKEN") from exc
+        # No /health behind some proxies: the API request decides.
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(
+            f"cannot reach the MLflow server at {where} ({reason}); start it (e.g. docker "
+            f"compose up -d), fix --tracking-uri / ${TRACKING_ENV}{suffix}") from exc
+
+
+def _probe_sql(uri: str, where: str) -> None:
+    """Connect once with a short timeout."""
+    import sqlalchemy
+
+    connect_args: dict[str, Any] = {}
+    if uri.startswith(("postgresql", "postgres", "mysql")):
+        connect_args["connect_timeout"] = CHECK_REQUEST_TIMEOUT_S
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as exc:
+        raise TrackingError(f"cannot connect to the MLflow database {where}: "
+                            f"{one_line(exc)}; check --tracking-uri / "
+                            f"${TRACKING_ENV}") from exc
