@@ -45,6 +45,20 @@ StorageOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045 - typer needs
     "--storage", envvar="SWEEPER_STORAGE", show_default=False,
     help="Optuna storage URL [default: sqlite:///mlruns/optuna.db].")]
 
+TrackingOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", show_default=False,
+    help="MLflow tracking server or store [default: sqlite:///mlruns/mlflow.db].")]
+StudyName = Annotated[str, typer.Argument(help="The study's name (its `name:`), e.g. "
+                                               "quickstart; `sweeper studies` lists them.",
+                                          show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--device", show_default=False,
+    help="cpu, cuda or cuda:N [default: cuda when available, else cpu].")]
+DataDirOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
+    "--data-dir", envvar="SWEEPER_DATA_DIR", show_default=False,
+    help="Where datasets live (and are downloaded to) [default: ./data].")]
+
 
 @contextlib.contextmanager
 def user_errors(debug: bool) -> Iterator[None]:
@@ -77,6 +91,18 @@ def _quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def _quiet_libraries(debug: bool) -> None:
+    """Optuna's and MLflow's INFO lines (creating tables...) and urllib3's line per HTTP
+    retry: sweeper's own one-line messages say what matters."""
+    if debug:
+        return
+    _quiet_optuna()
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+
+
 def _version(value: bool) -> None:
     if value:
         out.print(f"sweeper {__version__}")
@@ -102,15 +128,9 @@ def run(
         "--timeout", show_default=False,
         help="Start no new trial after this long (90, 90s, 30m, 2h).")] = None,
     storage: StorageOpt = None,
-    device: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        "--device", show_default=False,
-        help="cpu, cuda or cuda:N [default: cuda when available, else cpu].")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-        "--data-dir", envvar="SWEEPER_DATA_DIR", show_default=False,
-        help="Where datasets live (and are downloaded to) [default: ./data].")] = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(  # noqa: UP045
-        "--tracking-uri", envvar="MLFLOW_TRACKING_URI", show_default=False,
-        help="MLflow tracking server or store [default: sqlite:///mlruns/mlflow.db].")] = None,
+    device: DeviceOpt = None,
+    data_dir: DataDirOpt = None,
+    tracking_uri: TrackingOpt = None,
     no_tracking: Annotated[bool, typer.Option(
         "--no-tracking", help="Do not log to MLflow (Optuna still records every trial).")
     ] = False,
@@ -121,13 +141,7 @@ def run(
 
     with user_errors(debug):
         spec = config.load(file)
-        if not debug:
-            _quiet_optuna()
-            # MLflow's INFO lines (creating tables...) and urllib3's line per HTTP retry:
-            # sweeper's own one-line warnings say what matters.
-            os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-            logging.getLogger("mlflow").setLevel(logging.WARNING)
-            logging.getLogger("urllib3").setLevel(logging.ERROR)
+        _quiet_libraries(debug)
         seconds = None
         if timeout is not None:
             try:
@@ -231,6 +245,207 @@ def ui(
     if code == 130:
         err.print("MLflow UI stopped", markup=False)
     raise typer.Exit(code)
+
+
+# --------------------------------------------------------------------------------------
+# The read side: studies, trials, the best, reports, scores
+# --------------------------------------------------------------------------------------
+@app.command()
+def studies(storage: StorageOpt = None, as_json: JsonOpt = False, debug: Debug = False
+            ) -> None:
+    """Every study in the storage: trials by state, best value(s), last activity."""
+    from sweeper import results, views
+    from sweeper.storage import redact, resolve_storage_url
+
+    with user_errors(debug):
+        _quiet_libraries(debug)
+        summaries = results.studies(storage)
+        if as_json:
+            _print_text(views.json_lines(summaries))
+        elif not summaries:
+            out.print(f"no studies in {redact(resolve_storage_url(storage))} yet: "
+                      f"sweeper run studies/quickstart.yaml", markup=False)
+        else:
+            out.print(views.studies_table(summaries, redact(resolve_storage_url(storage))))
+
+
+@app.command("trials")
+def trials_command(
+    study: StudyName,
+    state: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+        "--state", show_default=False,
+        help="Only trials in this state (complete, pruned, fail, running, waiting); "
+             "repeat for several.")] = None,
+    sort: Annotated[str, typer.Option(
+        "--sort", help="number, value (best first), duration, a metric (test_accuracy) or a "
+                       "param (train.lr); a leading '-' reverses.")] = "number",
+    limit: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--limit", min=1, show_default=False, help="Show at most this many.")] = None,
+    as_json: JsonOpt = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV with a header row.")] = False,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    debug: Debug = False,
+) -> None:
+    """A table of the study's trials: number, state, values, params, duration, run id."""
+    from sweeper import results, views
+
+    with user_errors(debug):
+        _quiet_libraries(debug)
+        if as_json and as_csv:
+            raise ConfigError("choose one of --json and --csv", file="sweeper trials")
+        chosen = results.trial_results(study, storage=storage, tracking_uri=tracking_uri,
+                                       states=state, sort=sort, limit=limit)
+        names = _objectives(study, storage)
+        if as_json:
+            _print_text(views.json_lines(chosen))
+        elif as_csv:
+            _print_text(views.trials_csv(chosen, names))
+        else:
+            out.print(views.trials_table(chosen, names, title=f"{study}: {len(chosen)} trials"
+                                                              f" (sorted by {sort})"))
+
+
+@app.command()
+def best(
+    study: StudyName,
+    top: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--top", min=1, show_default=False,
+        help="The K best trials (a multi-objective study: the first K of its Pareto front)."
+    )] = None,
+    as_json: JsonOpt = False,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    debug: Debug = False,
+) -> None:
+    """The best trial: values, params, final metrics, MLflow run and model URI (a
+    multi-objective study: its Pareto front)."""
+    from sweeper import results, views
+
+    with user_errors(debug):
+        _quiet_libraries(debug)
+        chosen = results.best_trials(study, top=top, storage=storage,
+                                     tracking_uri=tracking_uri)
+        if as_json:
+            _print_text(views.json_lines(chosen))
+            return
+        names = _objectives(study, storage)
+        if len(names) > 1:
+            out.print(f"Pareto front of {study}: {len(chosen)} trial(s), best "
+                      f"{names[0]} first", markup=False)
+        for line in views.best_lines(chosen, names):
+            out.print(line, markup=False, soft_wrap=True)
+
+
+@app.command()
+def report(
+    study: StudyName,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="The HTML file to write.")] = Path("report.html"),
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    debug: Debug = False,
+) -> None:
+    """One self-contained interactive page: the search, the architectures, the best trial."""
+    from sweeper.report import build_report
+
+    with user_errors(debug):
+        _quiet_libraries(debug)
+        summary = build_report(study, output, storage=storage, tracking_uri=tracking_uri)
+        size = summary.path.stat().st_size / 1e6
+        out.print(f"wrote {summary.path} ({size:.1f} MB): {len(summary.figures)} figures, "
+                  f"best trial #{summary.best.number}", markup=False, soft_wrap=True)
+        for note in summary.notes:
+            err.print(f"note: {note}", markup=False, soft_wrap=True)
+
+
+@app.command()
+def evaluate(
+    study: StudyName,
+    trial: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--trial", min=0, show_default=False,
+        help="The trial's number [default: the best trial].")] = None,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+    data_dir: DataDirOpt = None,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    debug: Debug = False,
+) -> None:
+    """Load a trial's model from MLflow, evaluate it on the test split and compare with
+    what was logged."""
+    import json
+
+    from sweeper import views
+    from sweeper.scoring import evaluate_trial
+
+    with user_errors(debug):
+        _quiet_libraries(debug)
+        score = evaluate_trial(study, trial, storage=storage, tracking_uri=tracking_uri,
+                               data_dir=data_dir, device=device)
+        if as_json:
+            _print_text(json.dumps({"study": study, "number": score.trial.number,
+                                    "test": score.metrics, "logged": score.logged,
+                                    "matches": score.matches}, default=str))
+            return
+        out.print(views.evaluation_table(score))
+        verdict = ("matches the logged test metrics" if score.matches else
+                   "differs from the logged test metrics (another device or precision?)")
+        out.print(f"trial #{score.trial.number}: {verdict}", markup=False)
+
+
+@app.command()
+def ensemble(
+    study: StudyName,
+    top: Annotated[int, typer.Option("--top", min=2, help="How many of the best models "
+                                                          "vote.")] = 5,
+    no_log: Annotated[bool, typer.Option(
+        "--no-log", help="Do not record the result as an `ensemble` run in MLflow.")] = False,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+    data_dir: DataDirOpt = None,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    debug: Debug = False,
+) -> None:
+    """The K best models vote (soft and hard) on the test split, beside the best one."""
+    import json
+
+    from sweeper import views
+    from sweeper.scoring import ensemble as vote
+
+    with user_errors(debug):
+        _quiet_libraries(debug)
+        score = vote(study, top, storage=storage, tracking_uri=tracking_uri,
+                     data_dir=data_dir, device=device, log=not no_log)
+        if as_json:
+            _print_text(json.dumps(score.as_dict(), default=str))
+            return
+        out.print(views.ensemble_table(score))
+        single = score.member_metrics[0]["accuracy"]
+        for name, metrics in (("soft", score.soft), ("hard", score.hard)):
+            gain = 100 * (metrics["accuracy"] - single)
+            out.print(f"{name} vote: test accuracy {metrics['accuracy']:.4f}, {gain:+.2f} "
+                      f"points against the best single model", markup=False)
+        if score.skipped:
+            err.print(f"note: trials {score.skipped} rank higher but logged no model",
+                      markup=False)
+        if score.run_id:
+            out.print(f"MLflow: ensemble run {score.run_id}", markup=False)
+
+
+def _objectives(study: str, storage: str | None) -> list[str]:
+    from sweeper import results
+
+    loaded = results.load_study(study, storage)
+    return results.objective_names(loaded.user_attrs.get("sweeper.spec") or {},
+                                   len(loaded.directions))
+
+
+def _print_text(text: str) -> None:
+    """Machine-readable output: plain stdout, no wrapping, no markup."""
+    if text:
+        sys.stdout.write(text + "\n")
 
 
 def main() -> None:

@@ -184,6 +184,14 @@ class TrialConfig(_Section):
         out["epochs"] = self.epochs
         return out
 
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> TrialConfig:
+        """The config `flat()` described (keys it left out take their defaults)."""
+        data: dict[str, Any] = {}
+        for key, value in flat.items():
+            _set_dotted(data, key, value)
+        return cls.model_validate(data)
+
 
 # --------------------------------------------------------------------------------------
 # Budget, objective, sampler, pruner

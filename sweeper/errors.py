@@ -39,6 +39,11 @@ class TrackingError(SweeperError):
     """An MLflow tracking store or server that cannot be reached or refuses a request."""
 
 
+class ResultError(SweeperError):
+    """A question about results with no answer: an unknown study, no completed trial, a
+    trial whose model was not logged."""
+
+
 class TrialFailure(SweeperError):
     """One trial cannot go on; it ends FAIL with this message as its reason."""
 

@@ -19,6 +19,7 @@ and Optuna studies, so the figures can be built and tested anywhere.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import gzip
 import html
@@ -26,7 +27,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -206,7 +207,7 @@ def study_figures(study: optuna.Study, *, objective_names: Sequence[str] | None 
 
     def attempt(name: str, build: Any, *args: Any, **kwargs: Any) -> None:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _optuna_quiet():
                 warnings.simplefilter("ignore")
                 figures[name] = build(*args, **kwargs)
         except Exception as exc:  # optuna raises ValueError/RuntimeError for thin data
@@ -245,6 +246,20 @@ def study_figures(study: optuna.Study, *, objective_names: Sequence[str] | None 
     return figures
 
 
+@contextlib.contextmanager
+def _optuna_quiet() -> Iterator[None]:
+    """Optuna logs (not warns) about thin data, e.g. "Param x unique value length is less
+    than 2", once per figure: the figure is simply drawn with what there is."""
+    import optuna
+
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(previous)
+
+
 def _visualization() -> Any:
     import optuna.visualization
 
@@ -269,6 +284,27 @@ def _importances(study: optuna.Study, target: Any) -> dict[str, float]:
     except Exception as exc:
         log.debug("parameter importances unavailable: %s", exc)
         return {}
+
+
+def architecture_figure(rows: Sequence[tuple[str, str, float | None]], *,
+                        objective: str) -> go.Figure:
+    """How each architecture fared: the objective of its complete trials as a box with
+    every trial drawn, and how many of its trials completed, in the axis label.
+
+    `rows` holds (architecture, trial state, objective value or None) per trial."""
+    import plotly.graph_objects as go
+
+    archs = sorted({arch for arch, _, _ in rows})
+    fig = go.Figure()
+    for arch in archs:
+        values = [v for a, state, v in rows
+                  if a == arch and state == "COMPLETE" and v is not None and math.isfinite(v)]
+        total = sum(1 for a, _, _ in rows if a == arch)
+        fig.add_trace(go.Box(y=values, name=f"{arch} ({len(values)}/{total} complete)",
+                             boxpoints="all", jitter=0.4, pointpos=0, boxmean=True))
+    fig.update_layout(title=f"{objective} by architecture", yaxis={"title": objective},
+                      showlegend=False, height=460)
+    return fig
 
 
 # --------------------------------------------------------------------------------------
@@ -325,11 +361,12 @@ _LOADER = """
 """
 
 
-def html_page(figures: Mapping[str, go.Figure], *, title: str) -> str:
+def html_page(figures: Mapping[str, go.Figure], *, title: str, intro: str = "") -> str:
     """One HTML page that draws `figures` (name → figure, in order) with no network access.
 
     plotly.js is embedded once, compressed (see the module docstring); the figures are
     embedded as JSON. Opens from the MLflow UI's artifact view and from a local file alike.
+    `intro` is HTML shown above the figures (the caller escapes what it puts in).
     """
     import plotly.io
 
@@ -348,8 +385,11 @@ def html_page(figures: Mapping[str, go.Figure], *, title: str) -> str:
         f"<title>{html.escape(title)}</title>\n"
         "<style>body{font-family:system-ui,sans-serif;margin:0 16px}"
         "h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.5em}"
-        ".figure{width:100%;min-height:420px}</style></head>\n<body>"
-        f"<h1>{html.escape(title)}</h1><nav>{nav}</nav>\n"
+        ".figure{width:100%;min-height:420px}"
+        "table.summary{border-collapse:collapse;margin:8px 0}"
+        "table.summary td,table.summary th{border:1px solid #ddd;padding:3px 8px;"
+        "text-align:left}</style></head>\n<body>"
+        f"<h1>{html.escape(title)}</h1>{intro}<nav>{nav}</nav>\n"
         f"{''.join(sections)}\n"
         f'<script id="sweeper-figures" type="application/json">{payload}</script>\n'
         '<script id="sweeper-plotlyjs" type="application/octet-stream">'
@@ -358,11 +398,12 @@ def html_page(figures: Mapping[str, go.Figure], *, title: str) -> str:
     )
 
 
-def write_page(path: str | Path, figures: Mapping[str, go.Figure], *, title: str) -> Path:
+def write_page(path: str | Path, figures: Mapping[str, go.Figure], *, title: str,
+               intro: str = "") -> Path:
     """Write `html_page(figures)` to `path` (parents created); returns the path."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(html_page(figures, title=title), encoding="utf-8")
+    target.write_text(html_page(figures, title=title, intro=intro), encoding="utf-8")
     return target
 
 

@@ -25,7 +25,10 @@ FORBIDDEN: dict[str, set[str]] = {
     "evaluate": {"optuna", "mlflow"},
     "plots": {"mlflow", "torch"},
     "study": {"mlflow"},
-    "results": {"sweeper.train"},
+    "results": {"mlflow", "sweeper.train"},
+    "scoring": {"mlflow", "optuna"},
+    "report": {"torch", "mlflow", "sweeper.train"},
+    "views": {"torch", "optuna", "mlflow"},
 }
 # The one package that may import mlflow.
 MLFLOW_OWNER = "tracking"
