@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sweeper import sqlite
 from sweeper.errors import StorageError
 
 if TYPE_CHECKING:
@@ -41,16 +42,17 @@ def engine_kwargs(url: str) -> dict[str, Any]:
 
     SQLite: wait up to 60 s for a lock instead of failing at once, so local workers that
     write at the same moment queue up. Servers: pre-ping pooled connections so one that
-    idled through a long trial is replaced rather than failing the trial's `tell`.
+    idled through a long trial (or was dropped by a firewall) is replaced rather than
+    failing the trial's `tell`, and recycle them every 30 minutes. A worker uses two
+    connections (its loop and its trial's heartbeat), four at most: PostgreSQL's default
+    `max_connections` of 100 serves about 25 workers at their worst, 50 as they run.
     """
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 60}}
-    return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4, "pool_recycle": 1800}
+    return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2, "pool_recycle": 1800}
 
 
-def open_storage(url: str, *, heartbeat_interval: int | None = None,
-                 grace_period: int | None = None, read_only: bool = False
-                 ) -> optuna.storages.RDBStorage:
+def open_storage(url: str, *, read_only: bool = False) -> optuna.storages.RDBStorage:
     """Connect (creating the schema if needed); an unreachable store is one clear line.
 
     `read_only` skips creating tables and checking the schema version (a third of a
@@ -58,13 +60,18 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
     import optuna
     import sqlalchemy.exc
 
-    if not read_only:
-        _ensure_sqlite_folder(url)
+    database = sqlite_file(url)
     try:
-        return optuna.storages.RDBStorage(
-            sqlalchemy_url(url), engine_kwargs=engine_kwargs(url),
-            heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-            skip_compatibility_check=read_only, skip_table_creation=read_only)
+        if database is None or read_only:
+            return optuna.storages.RDBStorage(
+                sqlalchemy_url(url), engine_kwargs=engine_kwargs(url),
+                skip_compatibility_check=read_only, skip_table_creation=read_only)
+        # Local workers share the file: one at a time creates the tables; then every
+        # transaction queues for the write lock.
+        with sqlite.creation_lock(database):
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
+        sqlite.serialize_transactions(storage.engine)
+        return storage
     except ImportError as exc:
         raise StorageError(f"cannot open Optuna storage {redact(url)}: its database driver "
                            f"is not installed; pip install 'sweeper[postgres]'") from exc
@@ -80,10 +87,17 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
                            f"check --storage / ${STORAGE_ENV}") from exc
 
 
-def _ensure_sqlite_folder(url: str) -> None:
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True,
-                                                                         exist_ok=True)
+def rdb_of(study: optuna.Study) -> optuna.storages.RDBStorage:
+    """The RDB storage under a study (Optuna wraps it in a cache)."""
+    storage = study._storage
+    return getattr(storage, "_backend", storage)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a `sqlite:///path` URL, else None."""
+    if not url.startswith("sqlite:///") or url.startswith("sqlite:///:memory:"):
+        return None
+    return Path(url.removeprefix("sqlite:///").split("?", 1)[0]).expanduser()
 
 
 def redact(url: str) -> str:

@@ -32,7 +32,9 @@ def test_url_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_engine_settings_per_backend() -> None:
     assert engine_kwargs("sqlite:///x.db") == {"connect_args": {"timeout": 60}}
     server = engine_kwargs("postgresql://u@h/db")
-    assert server["pool_pre_ping"] is True
+    assert server["pool_pre_ping"] is True and server["pool_recycle"] == 1800
+    # Two connections per worker (its loop, its heartbeat), four at most.
+    assert server["pool_size"] + server["max_overflow"] == 4
 
 
 def test_bare_postgresql_urls_use_the_shipped_driver() -> None:

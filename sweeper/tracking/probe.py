@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sweeper import sqlite
 from sweeper.errors import TrackingError
 from sweeper.storage import redact
 from sweeper.tracking.common import http_env, one_line
@@ -59,15 +60,20 @@ def check_store(uri: str, make_client: Callable[[], MlflowClient], *, escape: st
 def _probe(uri: str, make_client: Callable[[], MlflowClient], suffix: str) -> None:
     where = redact(uri)
     path = sqlite_path(uri)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
     if is_http(uri):
         _probe_http(uri.rstrip("/"), where, suffix)
     elif path is None and "://" in uri and not uri.startswith("file:"):
         _probe_sql(uri, where)
     try:
-        with http_env(retries=0, timeout=CHECK_REQUEST_TIMEOUT_S):
-            make_client().search_experiments(max_results=1)
+        if path is not None:
+            # Local workers that start together on a fresh file: one at a time creates
+            # the tables (MLflow does on the first request). Later writes wait on MLflow's
+            # own busy timeout; MLflow nests sessions, so `BEGIN IMMEDIATE` is not for it.
+            with sqlite.creation_lock(path):
+                make_client().search_experiments(max_results=1)
+        else:
+            with http_env(retries=0, timeout=CHECK_REQUEST_TIMEOUT_S):
+                make_client().search_experiments(max_results=1)
     except Exception as exc:
         if is_http(uri) and "error code 404" in str(exc):
             raise TrackingError(f"no MLflow tracking server answers at {where} (HTTP 404 "
