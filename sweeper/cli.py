@@ -22,7 +22,10 @@ from sweeper import __version__
 from sweeper.errors import ConfigError, SweeperError
 
 if TYPE_CHECKING:
+    import optuna
+
     from sweeper.config import StudySpec
+    from sweeper.tracking import MlflowTracker
 
 app = typer.Typer(
     name="sweeper",
@@ -78,11 +81,13 @@ def user_errors(debug: bool) -> Iterator[None]:
             raise
         err.print(f"error: {exc}", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if debug:
             raise
-        err.print("interrupted: the running trial was recorded as FAIL", markup=False)
-        raise typer.Exit(130) from None
+        reason = getattr(stop, "reason", None) or "interrupted"
+        err.print(f"{reason}: the running trial was recorded as FAIL", markup=False)
+        # 130 for Ctrl-C, 143 for SIGTERM: what a shell reports for either signal.
+        raise typer.Exit(143 if "SIGTERM" in reason else 130) from None
 
 
 def _quiet_optuna() -> None:
@@ -127,6 +132,10 @@ def run(
     timeout: Annotated[Optional[str], typer.Option(  # noqa: UP045
         "--timeout", show_default=False,
         help="Start no new trial after this long (90, 90s, 30m, 2h).")] = None,
+    jobs: Annotated[int, typer.Option(
+        "--jobs", "-j", min=1, envvar="SWEEPER_JOBS",
+        help="Worker processes on this machine (one GPU each when there are several; on "
+             "the CPU the cores are shared out).")] = 1,
     storage: StorageOpt = None,
     device: DeviceOpt = None,
     data_dir: DataDirOpt = None,
@@ -134,6 +143,14 @@ def run(
     no_tracking: Annotated[bool, typer.Option(
         "--no-tracking", help="Do not log to MLflow (Optuna still records every trial).")
     ] = False,
+    heartbeat: Annotated[str, typer.Option(
+        "--heartbeat", envvar="SWEEPER_HEARTBEAT",
+        help="How often a running trial says it is alive; one silent for 4 beats is taken "
+             "back (FAIL 'worker lost', re-queued once).")] = "30s",
+    max_worker_failures: Annotated[int, typer.Option(
+        "--max-worker-failures", min=1,
+        help="A worker stops itself after this many trials in a row fail for reasons "
+             "outside their params (the machine, not the config).")] = 3,
     debug: Debug = False,
 ) -> None:
     """Create or resume the study in FILE and run trials until its budget is reached."""
@@ -142,38 +159,85 @@ def run(
     with user_errors(debug):
         spec = config.load(file)
         _quiet_libraries(debug)
-        seconds = None
-        if timeout is not None:
-            try:
-                seconds = config.parse_duration(timeout)
-            except ValueError as exc:
-                raise ConfigError(f"{exc}", file="--timeout") from None
+        seconds = _duration(timeout, "--timeout")
+        beat = _duration(heartbeat, "--heartbeat")
+        assert beat is not None
 
         from sweeper.display import RunDisplay, print_summary
+        from sweeper.heartbeat import HeartbeatSettings
+        from sweeper.stopping import Stopped, stop_on_signals
         from sweeper.storage import resolve_storage_url
         from sweeper.study import RunOptions, open_study, run_study
 
         options = RunOptions(storage=resolve_storage_url(storage), more_trials=trials,
-                             timeout=seconds, device=device, data_dir=data_dir)
+                             timeout=seconds, device=device, data_dir=data_dir,
+                             heartbeat=HeartbeatSettings.from_interval(beat),
+                             max_worker_failures=max_worker_failures)
         display = RunDisplay(spec, err)
         tracker = None
-        if not no_tracking:
-            from sweeper.tracking import MlflowTracker
+        if jobs > 1:
+            from sweeper.jobs import run_jobs
 
-            # run_study calls tracker.check() before it writes anything.
-            tracker = MlflowTracker(tracking_uri, device=device)
-        report = run_study(spec, options, tracker=tracker, progress=display)
+            outcome = run_jobs(spec, options, jobs, tracking_uri=tracking_uri,
+                               tracking=not no_tracking, progress=display, debug=debug)
+            report = outcome.report
+            for line in outcome.lost:
+                err.print(f"warning: {line}", markup=False, soft_wrap=True)
+            if outcome.interrupted:
+                raise Stopped(outcome.interrupted)
+        else:
+            if not no_tracking:
+                from sweeper.tracking import MlflowTracker
+
+                # run_study calls tracker.check() before it writes anything.
+                tracker = MlflowTracker(tracking_uri, device=device, worker=options.worker)
+            with stop_on_signals():
+                report = run_study(spec, options, tracker=tracker, progress=display)
+        study = open_study(spec, options.storage)
         if report.stopped_by == "nothing-to-do":
             out.print(f"study {spec.name!r} already has {report.finished_before}/"
                       f"{report.target} trials: nothing to do (use --trials N to run N more)")
-            return
-        print_summary(report, open_study(spec, options.storage), out)
-        if tracker is not None and tracker.parent_run_id is not None:
-            note = f"; {len(tracker.failures)} tracking warning(s)" if tracker.failures else ""
-            out.print(f"MLflow: experiment {spec.name!r} in {tracker.where}, parent run "
-                      f"{tracker.parent_run_id}{note}", markup=False, soft_wrap=True)
-            hint = _browse_hint(tracker.tracking_uri, tracker.experiment_id, spec)
-            out.print(f"  browse: {hint}", markup=False, soft_wrap=True)
+        else:
+            print_summary(report, study, out)
+        if not no_tracking:
+            _print_tracking(study, spec, tracking_uri, tracker)
+        if jobs > 1 and outcome.errors:
+            for message in outcome.errors:
+                err.print(f"error: {message}", markup=False, soft_wrap=True)
+            raise typer.Exit(2)
+        if report.message:
+            err.print(f"error: {report.message}", markup=False, soft_wrap=True)
+            raise typer.Exit(1)
+
+
+def _print_tracking(study: optuna.Study, spec: StudySpec, tracking_uri: str | None,
+                    tracker: MlflowTracker | None) -> None:
+    """Where the study's runs are, and how to browse them."""
+    from sweeper.storage import redact
+    from sweeper.tracking import ATTR_EXPERIMENT, ATTR_PARENT_RUN
+    from sweeper.tracking.uris import client_uri
+
+    parent = study.user_attrs.get(ATTR_PARENT_RUN)
+    if parent is None or (tracker is not None and tracker.parent_run_id is None):
+        return
+    uri = client_uri(tracking_uri)
+    failures = tracker.failures if tracker is not None else []
+    note = f"; {len(failures)} tracking warning(s)" if failures else ""
+    out.print(f"MLflow: experiment {spec.name!r} in {redact(uri)}, parent run {parent}{note}",
+              markup=False, soft_wrap=True)
+    hint = _browse_hint(uri, study.user_attrs.get(ATTR_EXPERIMENT), spec)
+    out.print(f"  browse: {hint}", markup=False, soft_wrap=True)
+
+
+def _duration(value: str | None, option: str) -> float | None:
+    from sweeper import config
+
+    if value is None:
+        return None
+    try:
+        return config.parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}", file=option) from None
 
 
 def _browse_hint(tracking_uri: str, experiment_id: str | None, spec: StudySpec) -> str:
@@ -245,6 +309,50 @@ def ui(
     if code == 130:
         err.print("MLflow UI stopped", markup=False)
     raise typer.Exit(code)
+
+
+@app.command()
+def reap(
+    study: StudyName,
+    grace: Annotated[str, typer.Option(
+        "--grace", help="A RUNNING trial whose worker has been silent this long is lost "
+                        "(as the workers judge: 4 heartbeats).")] = "2m",
+    everything: Annotated[bool, typer.Option(
+        "--all", help="Every RUNNING trial is lost, silent or not: when you know that no "
+                      "worker of the study is alive.")] = False,
+    no_retry: Annotated[bool, typer.Option(
+        "--no-retry", help="Do not re-queue the lost trials.")] = False,
+    as_json: JsonOpt = False,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    debug: Debug = False,
+) -> None:
+    """End what crashed workers left: lost trials FAIL (re-queued once) and their MLflow
+    runs, and the parent run once nothing runs."""
+    import json
+
+    from sweeper.reap import reap as reap_study
+
+    with user_errors(debug):
+        _quiet_libraries(debug)
+        seconds = _duration(grace, "--grace")
+        assert seconds is not None
+        report = reap_study(study, storage=storage, tracking_uri=tracking_uri,
+                            grace_s=seconds, everything=everything, retry=not no_retry)
+        if as_json:
+            _print_text(json.dumps(report.as_dict()))
+            return
+        for number, retry in report.lost:
+            again = f"re-queued as trial {retry}" if retry is not None else "not re-queued"
+            out.print(f"trial {number}: FAIL (worker lost); {again}", markup=False)
+        for run in report.runs:
+            out.print(f"run {run.name} ({run.run_id}): {run.status} ({run.reason})",
+                      markup=False, soft_wrap=True)
+        if report.running:
+            listed = ", ".join(f"#{n}" for n in report.running)
+            out.print(f"still running, their workers alive: {listed}", markup=False)
+        if report.nothing:
+            out.print(f"nothing to reap in study {report.study!r}", markup=False)
 
 
 # --------------------------------------------------------------------------------------

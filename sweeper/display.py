@@ -88,6 +88,8 @@ class RunDisplay:
         budget = f"{target} trials" if target is not None else f"{more} more trials"
         if target is not None and finished:
             budget += f", {finished} done before"
+        if info.get("workers", 1) > 1:
+            budget += f", {info['workers']} workers"
         self.console.print(f"[bold]{self.spec.name}[/]: {budget}, "
                            f"{self.spec.budget.epochs} epochs each, objective {objective}",
                            highlight=False)

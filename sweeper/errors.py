@@ -52,6 +52,10 @@ class InfeasibleConfig(TrialFailure):
     """A model whose layer shapes do not fit its input; found before any training."""
 
 
+class DuplicateGridPoint(TrialFailure):
+    """Another worker holds this trial's grid point; it ends FAIL untrained."""
+
+
 class Diverged(TrialFailure):
     """The training loss became NaN or infinite."""
 

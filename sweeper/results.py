@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from sweeper.errors import ResultError, SweeperError
 from sweeper.queries import StudyQueries
-from sweeper.storage import open_storage, redact, resolve_storage_url
+from sweeper.storage import open_storage, rdb_of, redact, resolve_storage_url
 from sweeper.study import (
     ATTR_CONFIG,
     ATTR_METRICS,
@@ -196,7 +196,7 @@ class _Results:
 
         self.study = study if isinstance(study, optuna.Study) else load_study(study, storage)
         self.name = self.study.study_name
-        self.queries = StudyQueries(_rdb_of(self.study), self.study._study_id)
+        self.queries = StudyQueries(rdb_of(self.study), self.study._study_id)
         self.tracking_uri = tracking_uri
         attrs = self.study.user_attrs
         self.experiment_id: str | None = attrs.get(ATTR_EXPERIMENT)
@@ -302,12 +302,6 @@ class _Results:
             raise ResultError(f"study {self.name!r} has trials 0-{total - 1}, not {number}; "
                               f"see sweeper trials {self.name}")
         return self.queries.trials([trial_id])[0]
-
-
-def _rdb_of(study: optuna.Study) -> optuna.storages.RDBStorage:
-    """The RDB storage under a study (Optuna wraps it in a cache)."""
-    storage = study._storage
-    return getattr(storage, "_backend", storage)
 
 
 def _plain(value: Any) -> Any:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from sweeper import space
 from sweeper.config import StudySpec
+from sweeper.errors import DuplicateGridPoint
 
 if TYPE_CHECKING:
     import optuna
@@ -17,7 +18,7 @@ def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.B
     import optuna
 
     cfg = spec.sampler
-    seed = None if cfg.seed is None else cfg.seed + seed_offset
+    seed = None if cfg.seed is None else (cfg.seed + seed_offset) % 2**32
     startup = {} if cfg.startup_trials is None else {"n_startup_trials": cfg.startup_trials}
     samplers = optuna.samplers
     if cfg.name == "tpe":
@@ -38,6 +39,13 @@ def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.B
     if cfg.name == "nsga2":
         return samplers.NSGAIISampler(seed=seed)
     raise AssertionError(f"unhandled sampler {cfg.name}")  # config.py rejects others
+
+
+def fresh_seed_offset() -> int:
+    """A seed offset of this process's own (parallel workers, resumed studies)."""
+    import secrets
+
+    return 1 + secrets.randbelow(2**31)
 
 
 def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -92,3 +100,27 @@ def grid_points_left(study: optuna.Study) -> int | None:
                                     or trial.state == optuna.trial.TrialState.RUNNING):
             taken.add(grid_id)
     return len(sampler._all_grids) - len(taken)
+
+
+def check_grid_point(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Raise DuplicateGridPoint if another worker holds this trial's grid point: it has
+    completed it, or is running it and asked first (the lower trial number keeps it).
+
+    Optuna's grid sampler hands out points by trial number while the grid lasts, but two
+    workers that ask for its last points at the same moment can get the same one; this
+    check keeps a grid point from being trained to completion twice.
+    """
+    import optuna
+
+    if not isinstance(study.sampler, optuna.samplers.GridSampler):
+        return
+    mine = study._storage.get_trial_system_attrs(trial._trial_id).get("grid_id")
+    if mine is None:
+        return
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    for other in study.get_trials(deepcopy=False, states=states):
+        if other.number == trial.number or other.system_attrs.get("grid_id") != mine:
+            continue
+        if other.state == optuna.trial.TrialState.COMPLETE or other.number < trial.number:
+            raise DuplicateGridPoint(f"grid point {mine} is already taken by trial "
+                                     f"{other.number} (two workers asked at once)")

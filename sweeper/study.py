@@ -10,8 +10,11 @@ COMPLETE, PRUNED, or FAIL with a reason; an exception in one trial never stops t
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
+import os
+import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -20,10 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sweeper import samplers, space
+from sweeper import heartbeat, samplers, space, stopping
 from sweeper.config import DatasetConfig, StudySpec, TrialConfig
-from sweeper.errors import StorageError, TrialFailure
-from sweeper.storage import open_storage, redact
+from sweeper.errors import ConfigError, StorageError, TrialFailure
+from sweeper.heartbeat import ATTR_WORKER, HeartbeatSettings
+from sweeper.queries import StudyQueries
+from sweeper.storage import open_storage, rdb_of, redact
 
 if TYPE_CHECKING:
     import optuna
@@ -43,6 +48,7 @@ ATTR_MODEL_ID = "mlflow_model_id"  # set only when the trial's model was logged
 ATTR_SPEC = "sweeper.spec"
 
 FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
+LINGER_POLL_S = 2.0  # how often a worker at the budget looks at the trials still running
 
 
 @dataclass
@@ -58,6 +64,9 @@ class TrialOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     detail: str | None = None  # the traceback of an unexpected error, for the record
     interrupted: bool = False  # stopped by Ctrl-C or a signal, not by its config
+    # Why a FAIL happened: "params" (this config: infeasible, diverged, out of memory),
+    # "environment" (anything else: the machine, the storage, a bug) or "interrupted".
+    cause: str | None = None
 
 
 @dataclass
@@ -69,7 +78,9 @@ class RunReport:
     outcomes: list[TrialOutcome]
     finished_before: int
     target: int | None
-    stopped_by: str  # budget | trials | timeout | grid-exhausted | nothing-to-do | interrupted
+    # budget | trials | timeout | grid-exhausted | nothing-to-do | interrupted | failing
+    stopped_by: str
+    message: str | None = None  # why a worker that was `failing` stopped itself
 
 
 class TrialRun(Protocol):
@@ -96,6 +107,11 @@ class StudyTracker(Protocol):
 
     def trial_ended(self, study: optuna.Study, outcome: TrialOutcome) -> None: ...
 
+    def trial_lost(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                   reason: str) -> None:
+        """Another worker's trial was found lost (see `heartbeat`): end its run."""
+        ...
+
     def end_study(self, study: optuna.Study, *, interrupted: bool) -> None: ...
 
 
@@ -105,12 +121,20 @@ class StudyTracker(Protocol):
 def open_study(spec: StudySpec, storage_url: str, *, create: bool = True,
                seed_offset: int = 0) -> optuna.Study:
     """Create the study or resume it; a stored study with other directions is refused."""
+    return open_or_create(spec, storage_url, create=create, seed_offset=seed_offset)[0]
+
+
+def open_or_create(spec: StudySpec, storage_url: str, *, create: bool = True,
+                   seed_offset: int = 0) -> tuple[optuna.Study, bool]:
+    """`open_study`, and whether this call created the study (of workers that start
+    together, exactly one did: the storage keeps study names unique)."""
     import optuna
     import sqlalchemy.exc
 
     storage = open_storage(storage_url)
     sampler = samplers.build_sampler(spec, seed_offset=seed_offset)
     pruner = samplers.build_pruner(spec)
+    created = False
     try:
         existing = _stored_directions(storage, spec.name)
         if existing is not None and existing != spec.directions:
@@ -120,15 +144,23 @@ def open_study(spec: StudySpec, storage_url: str, *, create: bool = True,
                 f"objective")
         if existing is None and not create:
             raise StorageError(f"no study {spec.name!r} in {redact(storage_url)}")
-        study = optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler,
-                                    pruner=pruner, directions=spec.directions,
-                                    load_if_exists=True)
+        study = None
         if existing is None:
-            study.set_user_attr(ATTR_SPEC, spec.model_dump(mode="json"))
+            try:
+                study = optuna.create_study(study_name=spec.name, storage=storage,
+                                            sampler=sampler, pruner=pruner,
+                                            directions=spec.directions)
+                created = True
+                study.set_user_attr(ATTR_SPEC, spec.model_dump(mode="json"))
+            except optuna.exceptions.DuplicatedStudyError:  # another worker was first
+                study = None
+        if study is None:
+            study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
+                                      pruner=pruner)
     except sqlalchemy.exc.SQLAlchemyError as exc:
         raise StorageError(f"Optuna storage {redact(storage_url)} failed: "
                            f"{str(exc).splitlines()[0]}") from exc
-    return study
+    return study, created
 
 
 def _stored_directions(storage: optuna.storages.BaseStorage, name: str) -> list[str] | None:
@@ -144,11 +176,9 @@ def _stored_directions(storage: optuna.storages.BaseStorage, name: str) -> list[
 
 
 def count_finished(study: optuna.Study) -> int:
-    """Trials that count against `budget.trials`: complete, pruned or failed."""
-    from optuna.trial import TrialState
-
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    return len(study.get_trials(deepcopy=False, states=states))
+    """Trials that count against `budget.trials`: complete, pruned or failed, all workers
+    and restarts together; a lost trial that was re-queued counts once, as its retry."""
+    return StudyQueries(rdb_of(study), study._study_id).budget_count()
 
 
 # --------------------------------------------------------------------------------------
@@ -161,9 +191,23 @@ class RunOptions:
     timeout: float | None = None  # --timeout, else budget.timeout
     device: str | None = None
     data_dir: Path | None = None
+    heartbeat: HeartbeatSettings = field(default_factory=HeartbeatSettings)
+    # This worker stops itself after so many trials in a row fail for reasons outside
+    # their params (a broken GPU, a full disk): its trials would all fail the same way.
+    max_worker_failures: int = 3
+    # Draw from the study file's seed even if the study exists (`--jobs`: its first worker,
+    # when the study was created just before); otherwise only the worker that creates the
+    # study does, so that one fresh run repeats exactly and workers never propose alike.
+    keep_seed: bool = False
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
 
 ProgressCallback = Callable[[str, dict[str, Any]], None]
+# What trains one trial: (worker, trial, config, tracking run or None) -> (objective
+# values, summary metrics). `Worker.train` by default; a stand-in for benchmarks of the
+# loop itself (see benchmarks/parallel_scaling.py).
+Objective = Callable[["Worker", "optuna.Trial", TrialConfig, Any],
+                     tuple[list[float], dict[str, float]]]
 
 
 class Worker:
@@ -171,7 +215,8 @@ class Worker:
 
     def __init__(self, spec: StudySpec, options: RunOptions,
                  tracker: StudyTracker | None = None,
-                 progress: ProgressCallback | None = None) -> None:
+                 progress: ProgressCallback | None = None,
+                 objective: Objective | None = None) -> None:
         from sweeper.train import resolve_device
 
         self.spec = spec
@@ -179,8 +224,11 @@ class Worker:
         self.device: torch.device = resolve_device(options.device)
         self.tracker = tracker
         self.progress = progress or (lambda event, info: None)
+        self.objective: Objective = objective or Worker.train
         self._data_key: DatasetConfig | None = None
         self._data: Dataset | None = None
+        self._waiting_said = False
+        self._linger_until: float | None = None  # see `_wait_for_silent`
 
     # -- data ---------------------------------------------------------------------------
     def dataset(self, cfg: DatasetConfig) -> Dataset:
@@ -201,34 +249,51 @@ class Worker:
         if self.tracker is not None:
             self.tracker.check()
         self.dataset(spec.dataset)
-        study = open_study(spec, options.storage)
+        study, created = open_or_create(spec, options.storage)
+        if not (created or options.keep_seed):
+            # Another worker, or an earlier run, already draws from the file's seed: the
+            # same seed here would propose the same params again.
+            study.sampler = samplers.build_sampler(spec,
+                                                   seed_offset=samplers.fresh_seed_offset())
         if self.tracker is not None:
             self.tracker.start_study(study, spec)
-        finished_before = count_finished(study)
+        queries = StudyQueries(rdb_of(study), study._study_id)
+        finished_before = queries.budget_count()
         target = None if options.more_trials is not None else spec.budget.trials
         timeout = options.timeout if options.timeout is not None else spec.budget.timeout
         started = time.monotonic()
         outcomes: list[TrialOutcome] = []
         stopped_by = "budget"
+        message = None
+        failing = 0  # trials in a row that failed for reasons outside their params
         self.progress("start", {"study": study, "finished": finished_before, "target": target,
                                 "more": options.more_trials})
         try:
             while True:
-                if options.more_trials is not None and len(outcomes) >= options.more_trials:
-                    stopped_by = "trials"
-                    break
-                if target is not None and count_finished(study) >= target:
-                    stopped_by = "budget" if outcomes else "nothing-to-do"
-                    break
-                if timeout is not None and time.monotonic() - started >= timeout:
-                    stopped_by = "timeout"
-                    break
-                if samplers.grid_points_left(study) == 0:
-                    stopped_by = "grid-exhausted"
+                stopping.raise_if_stopped()
+                self.fail_lost_trials(study)
+                reason = self._stop_reason(study, queries, len(outcomes), target,
+                                           started, timeout)
+                if reason is not None:
+                    stopped_by = reason
+                    if reason in ("budget", "grid-exhausted") and self._wait_for_silent(
+                            queries, ran_trials=bool(outcomes)):
+                        continue
+                    if reason == "budget" and not outcomes:
+                        stopped_by = "nothing-to-do"
                     break
                 outcome = self.run_trial(study)
+                self._linger_until = None
                 outcomes.append(outcome)
                 self.progress("trial", {"outcome": outcome, "study": study})
+                failing = failing + 1 if outcome.cause == "environment" else 0
+                if failing >= options.max_worker_failures:
+                    stopped_by = "failing"
+                    message = (f"worker {options.worker} stopped: its last {failing} trials "
+                               f"failed for reasons outside their params (last: "
+                               f"{outcome.reason}); fix this machine and run again")
+                    log.error("%s", message)
+                    break
         except KeyboardInterrupt:
             stopped_by = "interrupted"
             raise
@@ -237,40 +302,112 @@ class Worker:
                 self.tracker.end_study(study, interrupted=stopped_by == "interrupted")
             self.progress("end", {"study": study, "stopped_by": stopped_by})
         return RunReport(spec.name, options.storage, outcomes, finished_before, target,
-                         stopped_by)
+                         stopped_by, message)
+
+    def _stop_reason(self, study: optuna.Study, queries: StudyQueries, ran: int,
+                     target: int | None, started: float, timeout: float | None
+                     ) -> str | None:
+        """Why this worker should start no new trial, or None."""
+        more = self.options.more_trials
+        if more is not None and ran >= more:
+            return "trials"
+        if timeout is not None and time.monotonic() - started >= timeout:
+            return "timeout"
+        # Trials that other workers are running count too: they are likely to finish, and
+        # a silent one is taken back before this worker stops (`_wait_for_silent`).
+        if target is not None and queries.budget_count() + len(queries.running()) >= target:
+            return "budget"
+        # Queued trials (re-queued lost ones, enqueued ones) run before the grid counts.
+        if not queries.counts().get("WAITING") and samplers.grid_points_left(study) == 0:
+            return "grid-exhausted"
+        return None
+
+    def _wait_for_silent(self, queries: StudyQueries, *, ran_trials: bool) -> bool:
+        """Whether to wait a moment before stopping at the budget. Other workers' trials
+        still count toward it, and one of them may be lost: its retry is then this
+        worker's to run. A worker that has been running trials lingers one grace period
+        (a worker that died a moment ago still looks alive), and any worker waits as long
+        as a running trial stays silent. Trials that keep beating are their workers' to
+        finish: nobody waits for them beyond that, and a worker that arrives at a full
+        study says so at once."""
+        settings = self.options.heartbeat
+        running = queries.running()
+        if not running:
+            return False
+        now = time.monotonic()
+        if self._linger_until is None:
+            self._linger_until = now + (settings.grace_s + settings.interval_s
+                                        if ran_trials else 0.0)
+        silent = [t for t in running if settings.suspect(t)]
+        if not silent and now >= self._linger_until:
+            return False
+        if silent and not self._waiting_said:
+            self._waiting_said = True
+            numbers = ", ".join(f"#{t.number}" for t in silent)
+            log.warning("the study is at its budget, but the worker(s) of trial(s) %s went "
+                        "silent: waiting up to %g s to take them back", numbers,
+                        settings.grace_s)
+        # A cheap query: look often, so that the worker leaves soon after the last trial.
+        time.sleep(min(settings.interval_s, LINGER_POLL_S))
+        return True
+
+    def fail_lost_trials(self, study: optuna.Study) -> None:
+        """Fail and re-queue the trials whose workers vanished (see `heartbeat`)."""
+        on_lost = self.tracker.trial_lost if self.tracker is not None else None
+        try:
+            heartbeat.fail_lost_trials(study, self.options.heartbeat, on_lost=on_lost)
+        except Exception as exc:  # the storage's trouble shows in the trial that follows
+            log.warning("could not check for lost trials: %s", _one_line(str(exc)))
 
     def run_trial(self, study: optuna.Study) -> TrialOutcome:
-        """Ask, train, tell. Returns how the trial ended; raises only KeyboardInterrupt."""
+        """Ask, train, tell, with the trial's heartbeat going all the while. Returns how the
+        trial ended; raises only KeyboardInterrupt (after telling Optuna)."""
+        trial = study.ask()
+        with heartbeat.beating(rdb_of(study), trial._trial_id, self.options.heartbeat):
+            return self._attempt(study, trial)
+
+    def _attempt(self, study: optuna.Study, trial: optuna.Trial) -> TrialOutcome:
         import optuna
 
-        trial = study.ask()
         outcome = TrialOutcome(trial.number, "FAIL")
         started = time.monotonic()
-        run = None
         try:
+            trial.set_user_attr(ATTR_WORKER, self.options.worker)
             config = space.suggest(trial, self.spec)
             outcome.params = dict(trial.params)
+            samplers.check_grid_point(study, trial)
             trial.set_user_attr(ATTR_CONFIG, config.flat())
             with self._trial_run(trial, config) as run:
-                values, metrics = self._train(trial, config, run)
+                values, metrics = self.objective(self, trial, config, run)
                 outcome.values, outcome.metrics = values, metrics
                 outcome.state = "COMPLETE"
         except optuna.TrialPruned as pruned:
             outcome.state = "PRUNED"
             outcome.reason = str(pruned) or "pruned"
-        except TrialFailure as exc:
+        except (TrialFailure, ConfigError) as exc:
             outcome.reason = str(exc)
-        except KeyboardInterrupt as stop:  # Ctrl-C, or a signal (see `workers`)
+            outcome.cause = "params"
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (see `stopping`)
             outcome.reason = getattr(stop, "reason", None) or "interrupted"
             outcome.interrupted = True
+            outcome.cause = "interrupted"
             outcome.seconds = time.monotonic() - started
             self._tell(study, trial, outcome)
             raise
         except Exception as exc:  # any error fails this trial, never the study
-            outcome.reason = f"{type(exc).__name__}: {_one_line(str(exc))}"
             outcome.detail = traceback.format_exc()
+            if _out_of_memory(exc):
+                # Too big for this device (batch size, width): the config's fault, and the
+                # memory is given back below before the next trial.
+                outcome.reason = f"out of memory on {self.device}: {_one_line(str(exc))}"
+                outcome.cause = "params"
+            else:
+                outcome.reason = f"{type(exc).__name__}: {_one_line(str(exc))}"
+                outcome.cause = "environment"
             log.debug("trial %d failed:\n%s", trial.number, outcome.detail)
         finally:
+            # After the except blocks: the exception and its frames (the model, the batch)
+            # are gone, so their memory can actually be returned.
             _free_device_memory(self.device)
         outcome.seconds = time.monotonic() - started
         self._tell(study, trial, outcome)
@@ -284,8 +421,9 @@ class Worker:
         with self.tracker.trial_run(trial, config) as run:
             yield run
 
-    def _train(self, trial: optuna.Trial, config: TrialConfig, run: Any
-               ) -> tuple[list[float], dict[str, float]]:
+    def train(self, trial: optuna.Trial, config: TrialConfig, run: Any
+              ) -> tuple[list[float], dict[str, float]]:
+        """The default objective: build, fit (reporting each epoch), evaluate, log."""
         import optuna
 
         from sweeper.evaluate import evaluate, prefixed
@@ -300,6 +438,7 @@ class Worker:
         watched = objectives[0].metric
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
+            stopping.raise_if_stopped()
             if run is not None:
                 run.log_epoch(epoch, metrics)
             self.progress("epoch", {"trial": trial.number, "epoch": epoch,
@@ -372,7 +511,17 @@ def _free_device_memory(device: torch.device) -> None:
     if device.type == "cuda":
         import torch
 
+        gc.collect()  # reference cycles that still hold tensors
         torch.cuda.empty_cache()
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A device out of memory (CUDA, MPS), as torch raises it."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def _one_line(text: str) -> str:
@@ -381,6 +530,8 @@ def _one_line(text: str) -> str:
 
 
 def run_study(spec: StudySpec, options: RunOptions, *, tracker: StudyTracker | None = None,
-              progress: ProgressCallback | None = None) -> RunReport:
+              progress: ProgressCallback | None = None, objective: Objective | None = None
+              ) -> RunReport:
     """Run a study to its budget (or `more_trials` more) in this process."""
-    return Worker(spec, options, tracker=tracker, progress=progress).run()
+    return Worker(spec, options, tracker=tracker, progress=progress,
+                  objective=objective).run()

@@ -8,6 +8,7 @@ import pytest
 
 from sweeper import config, samplers, space
 from sweeper.config import ARCH_KEYS
+from sweeper.errors import DuplicateGridPoint
 
 ARCH_SPACE = """
 name: arch
@@ -118,6 +119,35 @@ def test_grid_covers_every_point_once() -> None:
     points = {(c.model.filter_size, tuple(c.model.channels), round(c.train.lr, 4))
               for _, c in samples}
     assert len(points) == 12
+
+
+def grid_id(study: optuna.Study, trial: optuna.Trial) -> int:
+    return study._storage.get_trial_system_attrs(trial._trial_id)["grid_id"]
+
+
+def test_a_grid_point_held_by_another_trial_is_not_trained_again() -> None:
+    """Two workers that ask for the grid's last point at once: the later trial yields."""
+    text = ("name: g\ndataset: {name: mnist}\nsampler: {name: grid}\nspace:\n"
+            "  model.filter_size: {choice: [3, 5]}\n")
+    spec = config.loads(text)
+    study = optuna.create_study(sampler=samplers.build_sampler(spec))
+    first, second = study.ask(), study.ask()
+    for trial in (first, second):
+        space.suggest(trial, spec)
+    samplers.check_grid_point(study, first)
+    samplers.check_grid_point(study, second)  # trial numbers 0 and 1: grid points 0 and 1
+    # The race: the second trial was handed the first's point.
+    study._storage.set_trial_system_attr(second._trial_id, "grid_id",
+                                         grid_id(study, first))
+    samplers.check_grid_point(study, first)  # the lower number keeps it
+    with pytest.raises(DuplicateGridPoint, match="already taken by trial 0"):
+        samplers.check_grid_point(study, second)
+    study.tell(first, 1.0)
+    third = study.ask()
+    study._storage.set_trial_system_attr(third._trial_id, "grid_id",
+                                         grid_id(study, first))
+    with pytest.raises(DuplicateGridPoint):  # completed by trial 0
+        samplers.check_grid_point(study, third)
 
 
 def test_grid_refuses_conditional_space() -> None:

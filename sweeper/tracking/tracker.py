@@ -395,6 +395,17 @@ class MlflowTracker:
             with self.timed("parent.best"):
                 self._update_best(study, outcome)
 
+    def trial_lost(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                   reason: str) -> None:
+        """End the run of a trial whose worker vanished (found by this worker): FAILED with
+        the reason, now (its own worker will never do it)."""
+        from sweeper.tracking.repair import end_lost_run
+
+        run_id = trial.user_attrs.get(ATTR_RUN_ID)
+        if run_id:
+            self.call(f"end the run of lost trial {trial.number}", end_lost_run, self.client,
+                      run_id, reason)
+
     def _close_unreported(self, reason: str, status: str = "FAILED") -> None:
         for number in list(self._runs):
             run = self._runs.pop(number)

@@ -1,0 +1,73 @@
+"""`sweeper reap STUDY`: end, on demand, what crashed workers left behind.
+
+Workers take back each other's lost trials as they go (`heartbeat`); this is for what no
+running worker is left to see: the last worker died, or a study ran before a crash and
+nobody resumed it. In Optuna, every RUNNING trial silent for the grace period (every
+RUNNING one with `everything`) ends FAIL "worker lost" and is re-queued once. In MLflow,
+every RUNNING trial run whose trial no longer runs ends with the status its state maps to,
+and the parent run ends once no trial of the study runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sweeper.heartbeat import HeartbeatSettings, fail_lost_trials
+from sweeper.queries import StudyQueries
+from sweeper.storage import open_storage, rdb_of, resolve_storage_url
+from sweeper.study import ATTR_REASON
+from sweeper.tracking.common import ATTR_EXPERIMENT, ATTR_PARENT_RUN
+
+if TYPE_CHECKING:
+    from sweeper.tracking.repair import EndedRun
+
+
+@dataclass
+class ReapReport:
+    study: str
+    lost: list[tuple[int, int | None]]  # (trial failed as lost, the retry's number or None)
+    runs: list[EndedRun] = field(default_factory=list)  # MLflow runs it ended
+    running: list[int] = field(default_factory=list)  # trials whose workers still beat
+    tracked: bool = True  # whether the study has an MLflow experiment to look in
+
+    @property
+    def nothing(self) -> bool:
+        return not self.lost and not self.runs
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"study": self.study,
+                "lost": [{"number": n, "retry": r} for n, r in self.lost],
+                "runs": [{"run_id": r.run_id, "name": r.name, "status": r.status,
+                          "reason": r.reason} for r in self.runs],
+                "running": self.running}
+
+
+def reap(study_name: str, *, storage: str | None = None, tracking_uri: str | None = None,
+         grace_s: float = HeartbeatSettings().grace_s, everything: bool = False,
+         retry: bool = True) -> ReapReport:
+    """End the study's leftovers of crashed workers in Optuna and MLflow (see the module
+    docstring); returns what was ended."""
+    from sweeper.results import load_study
+
+    rdb = open_storage(resolve_storage_url(storage))
+    study = load_study(study_name, rdb)
+    settings = HeartbeatSettings(interval_s=grace_s / 4, grace_s=grace_s)
+    lost = fail_lost_trials(study, settings, retry=retry, everything=everything)
+    running = sorted(t.number for t in StudyQueries(rdb_of(study), study._study_id).running())
+    report = ReapReport(study.study_name, lost, running=running)
+    experiment_id = study.user_attrs.get(ATTR_EXPERIMENT)
+    if not experiment_id:
+        report.tracked = False
+        return report
+    from sweeper.tracking.reader import TrackingReader
+    from sweeper.tracking.repair import reap_runs
+
+    trials = study.get_trials(deepcopy=False)
+    report.runs = reap_runs(
+        TrackingReader(tracking_uri).client, experiment_id,
+        trial_states={t.number: t.state.name for t in trials},
+        reasons={t.number: str(t.user_attrs[ATTR_REASON]) for t in trials
+                 if t.user_attrs.get(ATTR_REASON)},
+        parent_run_id=study.user_attrs.get(ATTR_PARENT_RUN), study_running=bool(running))
+    return report
