@@ -13,7 +13,6 @@ there (dropped afterwards).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import random
 import statistics
 import subprocess
@@ -22,8 +21,9 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
+
+from _stores import postgres_database
 
 from sweeper import config
 from sweeper.study import open_study
@@ -102,39 +102,13 @@ def timed(command: list[str], repeat: int) -> float:
     return statistics.median(times)
 
 
-@contextlib.contextmanager
-def postgres() -> Iterator[str | None]:
-    try:
-        import psycopg2
-    except ImportError:
-        yield None
-        return
-    admin = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
-    name = f"sweeper_bench_{uuid.uuid4().hex[:8]}"
-    try:
-        conn = psycopg2.connect(admin)
-    except psycopg2.OperationalError:
-        yield None
-        return
-    conn.autocommit = True
-    conn.cursor().execute(f'CREATE DATABASE "{name}"')
-    conn.close()
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        conn = psycopg2.connect(admin)
-        conn.autocommit = True
-        conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     sweeper = [sys.executable, "-m", "sweeper.cli"]
-    with tempfile.TemporaryDirectory() as tmp, postgres() as pg:
+    with tempfile.TemporaryDirectory() as tmp, postgres_database() as pg:
         storages = {"sqlite": f"sqlite:///{Path(tmp) / 'optuna.db'}"}
         if pg is not None:
             storages["postgresql"] = pg

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+from _stores import mlflow_server
+
 from sweeper import config
-from sweeper.server import local_command, server_command, server_env
 from sweeper.study import RunOptions, Worker, open_study
 from sweeper.tracking import MlflowTracker
 
@@ -33,23 +32,6 @@ budget: {{trials: 100, epochs: 1}}
 sampler: {{name: random, seed: 0}}
 models: all
 """
-
-
-def start_server(root: Path, port: int) -> subprocess.Popen[bytes]:
-    command = local_command(server_command(f"sqlite:///{root / 'server.db'}",
-                                           str(root / "artifacts"), port=port, workers=1,
-                                           access_log=False))
-    process = subprocess.Popen(command, env=server_env(), cwd=root, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return process
-        except OSError:
-            time.sleep(0.5)
-    process.kill()
-    raise SystemExit("mlflow server did not start")
 
 
 class Mode:
@@ -92,16 +74,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--port", type=int, default=5987)
+    parser.add_argument("--port", type=int, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        server = start_server(root, args.port)
-        try:
+        with mlflow_server(root, port=args.port) as url:
             modes = {
                 "off": None,
                 "sqlite": f"sqlite:///{root / 'mlflow.db'}",
-                "http": f"http://127.0.0.1:{args.port}",
+                "http": url,
             }
             runs = {mode: Mode(mode, uri, root, args.data_dir) for mode, uri in modes.items()}
             # Interleaved, so that whatever else the machine does slows every mode alike.
@@ -112,9 +93,6 @@ def main() -> None:
                 run.close()
             results = {mode: run.seconds[1:] for mode, run in runs.items()}
             inside = {mode: run.inside[1:] for mode, run in runs.items()}
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
     base = statistics.median(results["off"])
     print(f"trial: default cnn, 1 epoch on 10,000 MNIST images, models: all; "
           f"median of {args.trials} trials after a warm-up")
