@@ -76,13 +76,14 @@ class StudyQueries:
         stamps = [s for s in (started, completed) if s is not None]
         return max(stamps) if stamps else None
 
-    def budget_count(self) -> int:
+    def budget_count(self, counts: dict[str, int] | None = None) -> int:
         """Trials that count against `budget.trials`: complete, pruned or failed, less the
-        lost trials that were re-queued (their retry stands in for them)."""
+        lost trials that were re-queued (their retry stands in for them). `counts`: the
+        answer of `counts()`, when the caller has it already."""
         from optuna.storages._rdb import models
         from sqlalchemy import func
 
-        finished = sum(n for state, n in self.counts().items()
+        finished = sum(n for state, n in (counts or self.counts()).items()
                        if state in ("COMPLETE", "PRUNED", "FAIL"))
         attr, trial = models.TrialSystemAttributeModel, models.TrialModel
         with self._session() as session:

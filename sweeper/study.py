@@ -313,12 +313,14 @@ class Worker:
             return "trials"
         if timeout is not None and time.monotonic() - started >= timeout:
             return "timeout"
+        counts = queries.counts()
         # Trials that other workers are running count too: they are likely to finish, and
         # a silent one is taken back before this worker stops (`_wait_for_silent`).
-        if target is not None and queries.budget_count() + len(queries.running()) >= target:
+        if target is not None and (queries.budget_count(counts) + counts.get("RUNNING", 0)
+                                   >= target):
             return "budget"
         # Queued trials (re-queued lost ones, enqueued ones) run before the grid counts.
-        if not queries.counts().get("WAITING") and samplers.grid_points_left(study) == 0:
+        if not counts.get("WAITING") and samplers.grid_points_left(study) == 0:
             return "grid-exhausted"
         return None
 
