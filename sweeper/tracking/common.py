@@ -116,7 +116,8 @@ def requirements() -> list[str]:
     """Pinned requirements of a logged model, given so MLflow does not infer them (which
     costs a subprocess and ~6 s per model)."""
     pins = []
-    for package in ("torch", "numpy", "cloudpickle"):
+    # sweeper itself: the pyfunc's loader module is `sweeper.serving`.
+    for package in ("sweeper", "torch", "numpy", "safetensors"):
         try:
             pins.append(f"{package}=={importlib.metadata.version(package)}")
         except importlib.metadata.PackageNotFoundError:

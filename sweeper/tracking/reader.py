@@ -9,12 +9,14 @@ shows in depth, or in one query for many (`model_ids`).
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sweeper.errors import TrackingError
+from sweeper.errors import SweeperError, TrackingError
+from sweeper.modelfile import ModelFileError
 from sweeper.storage import redact
 from sweeper.tracking.common import (
     TAG_PARENT,
@@ -157,16 +159,21 @@ class TrackingReader:
     def load_model(self, model_id: str, *, device: str = "cpu") -> nn.Module:
         """A logged model as a torch module in eval mode on `device`.
 
-        Resolved through the model's own artifact location, not `models:/<id>`: MLflow
-        resolves the latter through its *global* tracking URI, which is not this store.
+        Only `MLmodel` and the model's config and safetensors weights are downloaded and
+        read (`tracking.model_files`): nothing is unpickled, so a model file replaced in a
+        shared artifact store fails to load in one line instead of running code. Resolved
+        through the model's own artifact location, not `models:/<id>`: MLflow resolves the
+        latter through its *global* tracking URI, which is not this store.
         """
         import mlflow.artifacts
-        import mlflow.pytorch
         from mlflow.entities import LoggedModelStatus
+
+        from sweeper.modelfile import MODEL_DIR
+        from sweeper.tracking import model_files
 
         try:
             model = self.client.get_logged_model(model_id)
-        except TrackingError:
+        except SweeperError:
             raise
         except Exception as exc:
             raise TrackingError(f"MLflow ({self.where}) has no model {model_id}: "
@@ -174,16 +181,27 @@ class TrackingReader:
         if model.status != LoggedModelStatus.READY:
             raise TrackingError(f"model {model_id} in {self.where} is {model.status}, not "
                                 f"READY: its upload did not finish; pick another trial")
+        location = model.artifact_location.rstrip("/")
         try:
             with tempfile.TemporaryDirectory(prefix="sweeper-load-") as tmp:
-                local = mlflow.artifacts.download_artifacts(
-                    artifact_uri=model.artifact_location, tracking_uri=self.tracking_uri,
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{location}/MLmodel", tracking_uri=self.tracking_uri,
                     dst_path=tmp)
-                module = mlflow.pytorch.load_model(local, map_location=device)
+                model_files.check_flavor(Path(tmp) / "MLmodel")
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{location}/{MODEL_DIR}", tracking_uri=self.tracking_uri,
+                    dst_path=tmp)
+                module = model_files.load(tmp, device=device)
+        except ModelFileError as exc:
+            # Name the files as they are in the store, not in the temporary folder.
+            message = str(exc).replace(f"{tmp}{os.sep}", "")
+            raise ModelFileError(f"model {model_id} in {self.where}: {message}") from None
+        except SweeperError:
+            raise
         except Exception as exc:
             raise TrackingError(f"could not load model {model_id} from {self.where}: "
                                 f"{one_line(exc)}") from exc
-        return module.to(device).eval()
+        return module
 
     # -- the ensemble run -------------------------------------------------------------------
     def log_ensemble(self, *, experiment_id: str, parent_run_id: str | None, study: str,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper.study import ATTR_MODEL_ID, ATTR_RUN_ID
+from sweeper.tracking import model_files
 from sweeper.tracking.common import (
     MLFLOW_STATUS,
     TAG_PARENT,
@@ -39,7 +40,6 @@ from sweeper.tracking.common import (
     model_device,
     now_ms,
     param_value,
-    quiet,
     requirements,
     truncate,
     write_confusion_csv,
@@ -74,6 +74,7 @@ class _ModelFiles:
     signature: Any
     metadata: dict[str, Any]
     step: int
+    info: Any  # sweeper.modelfile.ModelInfo
 
 
 class TrialRun:
@@ -274,22 +275,27 @@ class TrialRun:
         """The model's record in MLflow (its id is known at once) and a CPU copy of it;
         the files themselves are written and uploaded in the background.
 
-        Pickled (not `pt2`): `torch.export` graphs can neither switch to eval mode nor move
-        to another device once loaded, and sweeper promises `load_model` a plain module.
-        The weights are copied to the CPU first, so a model trained on a GPU loads anywhere
-        (and the GPU copy can be freed while the upload runs).
+        Saved as data (config JSON + safetensors weights, `sweeper.modelfile`), never
+        pickled: loading rebuilds the network from the config, so whoever can write to
+        the artifact store cannot make a reader run code. The weights are copied to the
+        CPU first, so a model trained on a GPU loads anywhere (and the GPU copy can be
+        freed while the upload runs). The input example is raw images on the 0-1 scale,
+        as the pyfunc takes them.
         """
         import torch
-        from mlflow.models import infer_signature
+
+        from sweeper.modelfile import ModelInfo
+        from sweeper.tracking.model_files import output_signature
 
         tracker = self.tracker
         spec = tracker.spec
         assert self.run_id is not None and tracker.experiment_id
         cpu_model = copy.deepcopy(model).to("cpu").eval()
-        example = data.val.x[:EXAMPLE_IMAGES].detach().to("cpu", torch.float32).contiguous()
-        with torch.no_grad():
-            output = cpu_model(example).numpy()
-        example_np = example.numpy()
+        example = data.val.x[:EXAMPLE_IMAGES].detach().to("cpu", torch.float32)
+        shape = (1, -1, 1, 1)
+        raw = example * torch.tensor(data.std).reshape(shape) + \
+            torch.tensor(data.mean).reshape(shape)
+        example_np = raw.clamp(0, 1).contiguous().numpy()
         logged = tracker.client.create_logged_model(
             tracker.experiment_id, name="model", source_run_id=self.run_id,
             params={k: param_value(v) for k, v in self.config.flat().items()},
@@ -298,10 +304,13 @@ class TrialRun:
         metadata = {"sweeper": {
             "study": spec.name, "trial_number": self.number, "dataset": data.name,
             "classes": list(data.classes), "input_shape": list(data.input_shape),
-            "normalize_mean": list(data.mean), "normalize_std": list(data.std)}}
+            "normalize_mean": list(data.mean), "normalize_std": list(data.std),
+            "input": "raw images: [N, H, W] (one channel), [N, C, H, W], [N, H, W, C] or "
+                     "[N, C*H*W]; pixel values 0-255 or 0-1"}}
+        info = ModelInfo(self.config, list(data.classes), tuple(data.mean), tuple(data.std))
         return _ModelFiles(LoggedModel(self.run_id, logged.model_id, logged.artifact_location),
-                           cpu_model, example_np, infer_signature(example_np, output),
-                           metadata, int(metrics.get("epochs_run", 0)))
+                           cpu_model, example_np, output_signature(len(data.classes)),
+                           metadata, int(metrics.get("epochs_run", 0)), info)
 
     def _record_model_id(self, model_id: str) -> None:
         try:
@@ -310,9 +319,8 @@ class TrialRun:
             log.debug("could not record the model id on trial %d: %s", self.number, exc)
 
     def _upload_model(self, files: _ModelFiles) -> None:
-        """Write the model in MLflow's PyTorch flavour, upload it, mark it READY and attach
-        it to the run as an output (a failed upload leaves it FAILED, never PENDING)."""
-        import mlflow.pytorch
+        """Write the model (`tracking.model_files`), upload it, mark it READY and attach it
+        to the run as an output (a failed upload leaves it FAILED, never PENDING)."""
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
         from mlflow.models import Model
 
@@ -323,13 +331,10 @@ class TrialRun:
                 path = os.path.join(tmp, "model")
                 mlflow_model = Model(artifact_path=logged.location,
                                      model_uuid=logged.model_id, run_id=logged.run_id,
-                                     model_id=logged.model_id)
-                with quiet("mlflow.pytorch"):  # its pickle warning, once per model
-                    mlflow.pytorch.save_model(
-                        files.cpu_model, path, mlflow_model=mlflow_model,
-                        signature=files.signature, input_example=files.example,
-                        pip_requirements=requirements(), metadata=files.metadata,
-                        serialization_format="pickle")
+                                     model_id=logged.model_id, signature=files.signature,
+                                     metadata=files.metadata)
+                model_files.save(path, files.cpu_model, files.info, mlflow_model,
+                                 example=files.example, requirements=requirements())
                 client.log_model_artifacts(logged.model_id, path)
         except BaseException:
             try:
