@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
+import reprlib
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +60,21 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
     "digits": ((1, 8, 8), 10),
 }
 
-_STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_STUDY_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")  # \Z: no trailing newline
+
+# Hostile input is bounded: a study file is read only if it is a regular file of at most
+# MAX_STUDY_BYTES, holds at most MAX_YAML_VALUES values once its aliases are expanded and
+# nests at most MAX_YAML_DEPTH deep; a choice lists at most MAX_CHOICE_OPTIONS options.
+MAX_STUDY_BYTES = 1 << 20
+MAX_YAML_VALUES = 20_000
+MAX_YAML_DEPTH = 64
+MAX_CHOICE_OPTIONS = 1_000
+MAX_DESCRIPTION = 10_000  # characters; it is stored with the study
+MAX_SEED = 2**32 - 1  # what both numpy and torch accept
+# Images in the training set of each named dataset (digits: 80% of 1,797 is for training).
+DATASET_TRAIN_SIZES: dict[str, int] = {
+    "mnist": 60_000, "fashion_mnist": 60_000, "kmnist": 60_000, "cifar10": 50_000,
+    "digits": 1_797 - round(1_797 * 0.2)}
 
 
 class _Section(BaseModel):
@@ -92,7 +109,8 @@ class DatasetConfig(_Section):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out")
     subset: int | None = Field(None, ge=1, description="train on at most this many images")
     test_subset: int | None = Field(None, ge=1, description="evaluate on at most this many")
-    seed: int = Field(0, description="seed of the validation split and subsets")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the validation split "
+                      "and subsets")
     normalize: bool = True
     download: bool = Field(True, description="fetch a missing torchvision dataset")
     augment: AugmentConfig = AugmentConfig()
@@ -160,7 +178,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(128, ge=1, le=65536)
     scheduler: Literal["none", "cosine"] = "none"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     eval_batch_size: int = Field(2048, ge=1)
 
 
@@ -212,11 +230,11 @@ def parse_duration(value: Any) -> float | None:
         match = _DURATION.match(str(value))
         if not match or not any(match.groups()):
             raise ValueError(f"expected a duration such as 90, '90s', '30m' or '2h', "
-                             f"but got {value!r}")
+                             f"but got {_brief(value)}")
         h, m, s = (float(g) if g else 0.0 for g in match.groups())
         seconds = h * 3600 + m * 60 + s
     if seconds <= 0:
-        raise ValueError(f"a duration must be > 0, but got {value!r}")
+        raise ValueError(f"a duration must be > 0, but got {_brief(value)}")
     return seconds
 
 
@@ -247,10 +265,11 @@ class ObjectiveConfig(_Section):
         if metric in OBJECTIVE_METRICS:
             return metric
         if metric.startswith("test_"):
-            raise ValueError(f"{metric!r} would select on the test split; use "
-                             f"{'val_' + metric[5:]!r} (test metrics are reported, never "
+            raise ValueError(f"{_brief(metric)} would select on the test split; use "
+                             f"{_brief('val_' + metric[5:])} (test metrics are reported, never "
                              f"optimized)")
-        raise ValueError(f"unknown metric {metric!r}{_did_you_mean(metric, OBJECTIVE_METRICS)}"
+        hint = _did_you_mean(metric, OBJECTIVE_METRICS)
+        raise ValueError(f"unknown metric {_brief(metric)}{hint}"
                          f"; choose one of {', '.join(OBJECTIVE_METRICS)}")
 
     @model_validator(mode="after")
@@ -262,7 +281,8 @@ class ObjectiveConfig(_Section):
 
 class SamplerConfig(_Section):
     name: SamplerName = "tpe"
-    seed: int | None = Field(None, description="same seed + same trials = same samples")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED,
+                             description="same seed + same trials = same samples")
     startup_trials: int | None = Field(None, ge=0, description="random trials before TPE/GP/"
                                        "CMA-ES model the space (Optuna's default if unset)")
     multivariate: bool = Field(True, description="TPE: model parameters jointly")
@@ -369,7 +389,7 @@ def walk_space(dims: Iterable[Dimension]) -> Iterable[Dimension]:
 # --------------------------------------------------------------------------------------
 class StudySpec(_Section):
     name: str
-    description: str = ""
+    description: str = Field("", max_length=MAX_DESCRIPTION)
     dataset: DatasetConfig
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -389,9 +409,9 @@ class StudySpec(_Section):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, name: str) -> str:
-        if not _STUDY_NAME.match(name):
+        if not _STUDY_NAME.match(name):  # fullmatch by \A...\Z
             raise ValueError(f"a study name is 1-100 letters, digits, '.', '_' or '-', "
-                             f"starting with a letter or digit, but got {name!r}")
+                             f"starting with a letter or digit, but got {_brief(name)}")
         return name
 
     @model_validator(mode="after")
@@ -450,37 +470,67 @@ class StudySpec(_Section):
 # Loading
 # --------------------------------------------------------------------------------------
 def load(path: str | Path) -> StudySpec:
-    """Read and validate a study file; every problem is a one-line `ConfigError`."""
+    """Read and validate a study file; every problem is a one-line `ConfigError`.
+
+    Only a regular file of at most `MAX_STUDY_BYTES` is read: a FIFO, a device such as
+    /dev/zero or a huge file is refused before a byte is read."""
     path = Path(path)
     file = str(path)
-    if not path.exists():
-        raise ConfigError("no such file; give the path to a study file such as "
-                          "studies/quickstart.yaml", file=file)
-    if path.is_dir():
-        raise ConfigError("is a directory; give the path to a study .yaml file", file=file)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read it ({exc}); give a UTF-8 text file", file=file) from exc
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ConfigError("no such file; give the path to a study file such as "
+                          "studies/quickstart.yaml", file=file) from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory; give the path to a study .yaml file",
+                          file=file) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read it ({exc.strerror or exc}); give a UTF-8 text file",
+                          file=file) from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigError("is a directory; give the path to a study .yaml file", file=file)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError("is not a regular file (a pipe, a device or a socket); give "
+                              "the path to a study .yaml file", file=file)
+        if info.st_size > MAX_STUDY_BYTES:
+            raise ConfigError(f"is {info.st_size:,} bytes; a study file may be at most "
+                              f"{MAX_STUDY_BYTES:,} bytes: shorten it", file=file)
+        raw = f.read(MAX_STUDY_BYTES + 1)
+    if len(raw) > MAX_STUDY_BYTES:  # it grew while being read
+        raise ConfigError(f"is over {MAX_STUDY_BYTES:,} bytes; a study file may be at most "
+                          f"{MAX_STUDY_BYTES:,} bytes: shorten it", file=file)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read it ({exc.reason} at byte {exc.start}); give a UTF-8 "
+                          f"text file", file=file) from None
     return loads(text, file=file)
 
 
 def loads(text: str, *, file: str = "<study>") -> StudySpec:
     """Validate a study given as YAML text; `file` names it in messages."""
+    if len(text) > MAX_STUDY_BYTES:
+        raise ConfigError(f"is {len(text):,} characters; a study file may be at most "
+                          f"{MAX_STUDY_BYTES:,} bytes: shorten it", file=file)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when installed
     try:
-        data = yaml.safe_load(text)
+        # Composed first (aliases stay shared nodes), measured, and only then built.
+        _check_yaml_size(yaml.compose(text, Loader=loader), file)
+        data = yaml.load(text, Loader=loader)
     except yaml.constructor.ConstructorError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
         tag = exc.problem.split("tag ")[-1] if exc.problem else "a tag"
-        raise ConfigError(f"YAML tag {tag} is not allowed: a study file holds plain data "
-                          f"only; remove the tag", file=file, line=line) from exc
+        raise ConfigError(f"YAML tag {tag[:60]} is not allowed: a study file holds plain "
+                          f"data only; remove the tag", file=file, line=line) from exc
     except yaml.YAMLError as exc:
         # Where the broken construct opened is where to look (an unclosed `{` is reported
         # at the end of the file otherwise).
         mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"YAML syntax error: {problem}; fix the YAML at that line",
+        raise ConfigError(f"YAML syntax error: {problem[:120]}; fix the YAML at that line",
                           file=file, line=line) from exc
     if data is None:
         raise ConfigError("the file is empty; start from studies/quickstart.yaml", file=file)
@@ -488,6 +538,47 @@ def loads(text: str, *, file: str = "<study>") -> StudySpec:
         raise ConfigError(f"expected a mapping of keys (name, dataset, ...), but got a "
                           f"{type(data).__name__}", file=file, line=1)
     return from_dict(data, file=file, text=text)
+
+
+def _check_yaml_size(root: yaml.Node | None, file: str) -> None:
+    """Refuse a document that expands to more than `MAX_YAML_VALUES` values or nests
+    deeper than `MAX_YAML_DEPTH`. Counted on the composed graph, where an alias is the
+    node it names: each node is sized once, so an alias bomb is measured in linear time
+    without being expanded."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node, depth: int) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"YAML nests deeper than {MAX_YAML_DEPTH} levels: a study file "
+                              f"is a few levels deep; flatten it", file=file,
+                              line=node.start_mark.line + 1)
+        if key in open_nodes:
+            raise ConfigError("a YAML alias refers to the value that contains it (a "
+                              "recursive structure); remove the alias", file=file,
+                              line=node.start_mark.line + 1)
+        total = 1
+        if isinstance(node, yaml.CollectionNode):
+            open_nodes.add(key)
+            children = (node.value if isinstance(node, yaml.SequenceNode)
+                        else [n for pair in node.value for n in pair])
+            for child in children:
+                total += size(child, depth + 1)
+                if total > MAX_YAML_VALUES:
+                    raise ConfigError(
+                        f"the YAML holds more than {MAX_YAML_VALUES:,} values once its "
+                        f"aliases (*name) are expanded; a study file needs a few hundred: "
+                        f"remove the aliases or shorten it", file=file,
+                        line=node.start_mark.line + 1)
+            open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    if root is not None:
+        size(root, 0)
 
 
 def from_dict(data: Mapping[str, Any], *, file: str = "<study>", text: str | None = None
@@ -514,7 +605,7 @@ def _check_combinations(spec: StudySpec, file: str, lines: _LineFinder) -> None:
         metric = spec.objective_list[0].metric
         if metric not in EPOCH_METRICS:
             raise ConfigError(f"a pruner judges trials by the objective after each epoch, "
-                              f"but {metric!r} is only known at the end; use "
+                              f"but {_brief(metric)} is only known at the end; use "
                               f"{' or '.join(EPOCH_METRICS)} or `pruner: {{name: none}}`",
                               file=file, key="pruner.name", line=lines.find(("pruner",)))
     if spec.sampler.name == "grid":
@@ -529,9 +620,34 @@ def _check_combinations(spec: StudySpec, file: str, lines: _LineFinder) -> None:
                                   "give it a `step`, or use a `choice`",
                                   file=file, key=f"space.{dim.key}",
                                   line=lines.find(("space", dim.key)))
+    _check_splits(spec, file, lines)
     if spec.sampler.name == "nsga2" and not spec.multi_objective:
         # NSGA-II works for one objective too, but it is almost never what is meant.
         pass
+
+
+def _check_splits(spec: StudySpec, file: str, lines: _LineFinder) -> None:
+    """The training split must hold at least one batch (the largest the space may pick):
+    `val_fraction: 0.999999` would otherwise train every trial on one image."""
+    dataset = spec.dataset
+    total = (dataset.synthetic.train_size if dataset.name == "synthetic"
+             else DATASET_TRAIN_SIZES[dataset.name])
+    held_out = min(max(1, round(total * dataset.val_fraction)), total - 1)  # as data.py
+    train = total - held_out
+    if dataset.subset is not None:
+        train = min(train, dataset.subset)
+    batch = spec.train.batch_size
+    for dim in walk_space(spec.dimensions):
+        if dim.key == "train.batch_size":
+            batch = max(batch, int(max(dim.values()) if isinstance(dim, ChoiceDim)
+                                   else dim.high))
+    if train < batch:
+        key = "dataset.val_fraction" if dataset.val_fraction > 0.5 else "dataset"
+        raise ConfigError(f"the training split holds {train:,} image(s) ({total:,} minus "
+                          f"val_fraction {dataset.val_fraction:g}"
+                          f"{'' if dataset.subset is None else ', subset'}), fewer than one "
+                          f"batch of {batch}; lower val_fraction or train.batch_size",
+                          file=file, key=key, line=lines.find(tuple(key.split("."))))
 
 
 # --------------------------------------------------------------------------------------
@@ -592,17 +708,17 @@ class _SpaceParser:
             return ()
         if not isinstance(raw, Mapping):
             raise self._error(path, f"expected a mapping of dotted keys to dimensions, but "
-                                    f"got {raw!r}")
+                                    f"got {_brief(raw)}")
         dims: list[Dimension] = []
         for key, body in raw.items():
             key_path = (*path, key)
             if not isinstance(key, str) or key not in self.keys:
                 hint = _did_you_mean(str(key), self.keys)
-                raise self._error(key_path, f"unknown key {key!r}{hint}; space keys are "
+                raise self._error(key_path, f"unknown key {_brief(key)}{hint}; space keys are "
                                             f"dotted paths into dataset, model or train, "
                                             f"such as train.lr or model.filter_size")
             if key in taken:
-                raise self._error(key_path, f"{key!r} is already searched by an enclosing "
+                raise self._error(key_path, f"{_brief(key)} is already searched by an enclosing "
                                             f"choice; remove one of them")
             dims.append(self._parse_dimension(key, body, key_path, taken))
         return tuple(dims)
@@ -610,7 +726,7 @@ class _SpaceParser:
     def _parse_dimension(self, key: str, body: Any, path: tuple[Any, ...], taken: set[str]
                          ) -> Dimension:
         if not isinstance(body, Mapping):
-            raise self._error(path, f"expected {_SPACE_FORMS}, but got {body!r}")
+            raise self._error(path, f"expected {_SPACE_FORMS}, but got {_brief(body)}")
         kinds = [k for k in ("float", "int", "choice") if k in body]
         if len(kinds) != 1:
             extra = [k for k in body if k not in ("float", "int", "choice", "log", "step")]
@@ -622,7 +738,7 @@ class _SpaceParser:
         allowed = {"choice"} if kind == "choice" else {kind, "log", "step"}
         for extra in body:
             if extra not in allowed:
-                raise self._error((*path, extra), f"unknown key {extra!r} for a {kind} "
+                raise self._error((*path, extra), f"unknown key {_brief(extra)} for a {kind} "
                                                   f"dimension; it takes {sorted(allowed)}")
         if kind == "choice":
             return self._parse_choice(key, body["choice"], path, taken)
@@ -634,15 +750,15 @@ class _SpaceParser:
         if (not isinstance(bounds, list | tuple) or len(bounds) != 2
                 or not all(_is_number(b) for b in bounds)):
             raise self._error((*path, kind), f"expected [low, high], two numbers, but got "
-                                             f"{bounds!r}")
+                                             f"{_brief(bounds)}")
         low, high = bounds
         log = body.get("log", False)
         step = body.get("step")
         if not isinstance(log, bool):
-            raise self._error((*path, "log"), f"expected true or false, but got {log!r}")
+            raise self._error((*path, "log"), f"expected true or false, but got {_brief(log)}")
         if kind == "int" and not all(float(b).is_integer() for b in bounds):
             raise self._error((*path, kind), f"int bounds must be whole numbers, but got "
-                                             f"{bounds!r}; use float for fractions")
+                                             f"{_brief(bounds)}; use float for fractions")
         if low > high:
             raise self._error((*path, kind), f"`low <= high` must hold, but got low={low} "
                                              f"and high={high}; swap them")
@@ -652,13 +768,13 @@ class _SpaceParser:
         if step is not None:
             if not _is_number(step) or step <= 0:
                 raise self._error((*path, "step"), f"step must be a number > 0, but got "
-                                                   f"{step!r}")
+                                                   f"{_brief(step)}")
             if log:
                 raise self._error((*path, "step"), "step and log: true cannot be combined "
                                                    "(Optuna does not support it); drop one")
             if kind == "int" and not float(step).is_integer():
                 raise self._error((*path, "step"), f"an int step must be a whole number, "
-                                                   f"but got {step!r}")
+                                                   f"but got {_brief(step)}")
         annotation = _field_annotation(key)
         if kind == "float" and annotation is int:
             raise self._error((*path, kind), f"{key} takes whole numbers; write "
@@ -680,6 +796,9 @@ class _SpaceParser:
             if not options:
                 raise self._error(choice_path, "an empty choice has nothing to pick; list "
                                                "at least one option")
+            if len(options) > MAX_CHOICE_OPTIONS:
+                raise self._error(choice_path, f"a choice of {len(options):,} options; at "
+                                               f"most {MAX_CHOICE_OPTIONS:,} are allowed")
             branches: dict[str, tuple[Dimension, ...]] = {}
             for option, sub in options.items():
                 self._check_value(key, option, (*choice_path, option))
@@ -688,15 +807,25 @@ class _SpaceParser:
             return ChoiceDim(key, tuple(options), branches)
         if not isinstance(options, list):
             raise self._error(choice_path, f"expected a list of options, or a mapping of "
-                                           f"option to its sub-space, but got {options!r}")
+                                           f"option to its sub-space, but got {_brief(options)}")
         if not options:
             raise self._error(choice_path, "an empty choice has nothing to pick; list at "
                                            "least one option")
-        seen: list[Any] = []
+        if len(options) > MAX_CHOICE_OPTIONS:
+            raise self._error(choice_path, f"a choice of {len(options):,} options; at most "
+                                           f"{MAX_CHOICE_OPTIONS:,} are allowed: search a "
+                                           f"range ({{int: [low, high]}}) instead")
+        seen: set[Any] = set()
         for index, option in enumerate(options):
-            if option in seen:
-                raise self._error((*choice_path, index), f"option {option!r} is listed twice")
-            seen.append(option)
+            frozen = _freeze(option)
+            try:
+                hash(frozen)
+            except TypeError:  # a mapping as an option: compared by its text
+                frozen = ("unhashable", repr(option))  # bounded by MAX_YAML_VALUES
+            if frozen in seen:
+                raise self._error((*choice_path, index),
+                                  f"option {_brief(option)} is listed twice")
+            seen.add(frozen)
             self._check_value(key, option, (*choice_path, index))
         return ChoiceDim(key, tuple(_freeze(o) for o in options))
 
@@ -706,7 +835,7 @@ class _SpaceParser:
             self.spec.resolve({key: _thaw(value)})
         except ValidationError as exc:
             err = exc.errors()[0]
-            raise self._error(path, f"value {value!r} is not valid for {key}: "
+            raise self._error(path, f"value {_brief(value)} is not valid for {key}: "
                                     f"{_describe(err)}") from None
 
     def _name_dimensions(self, dims: tuple[Dimension, ...]) -> tuple[Dimension, ...]:
@@ -779,9 +908,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _brief(value: Any, limit: int = 80) -> str:
+    """`repr(value)` bounded in time and length: the first few items of each container, a
+    few levels deep, however large (or alias-expanded) the value is."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 3, 6, 6, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 60, 40
+
+
 def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+    match = difflib.get_close_matches(word[:100], list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {_brief(match[0])}?)" if match else ""
 
 
 def _describe(err: Mapping[str, Any]) -> str:
@@ -792,14 +933,14 @@ def _describe(err: Mapping[str, Any]) -> str:
     if kind == "literal_error":
         expected = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
         hint = _did_you_mean(str(value), expected)
-        return f"{value!r} is not one of {', '.join(expected)}{hint}"
+        return f"{_brief(value)} is not one of {', '.join(expected)}{hint}"
     if kind == "missing":
         return "is required but missing; add it"
     message = str(err.get("msg", "invalid value"))
     message = message.removeprefix("Value error, ")
     if kind.startswith(("greater", "less", "too_", "int_", "float_", "bool_", "string_",
                         "list_", "model_", "dict_")):
-        return f"{message[0].lower()}{message[1:]}, but got {value!r}"
+        return f"{message[0].lower()}{message[1:]}, but got {_brief(value)}"
     return message
 
 
@@ -813,7 +954,7 @@ def _config_error(exc: ValidationError, data: Any, file: str, lines: _LineFinder
         model = _model_at(tuple(parent))
         known = list(model.model_fields) if model else []
         where = ".".join(str(p) for p in parent) or "the top level"
-        message = (f"unknown key {bad!r}{_did_you_mean(str(bad), known)}; {where} takes "
+        message = (f"unknown key {_brief(bad)}{_did_you_mean(str(bad), known)}; {where} takes "
                    f"{', '.join(known)}")
     else:
         message = _describe(err)
