@@ -514,11 +514,8 @@ def loads(text: str, *, file: str = "<study>") -> StudySpec:
     if len(text) > MAX_STUDY_BYTES:
         raise ConfigError(f"is {len(text):,} characters; a study file may be at most "
                           f"{MAX_STUDY_BYTES:,} bytes: shorten it", file=file)
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when installed
     try:
-        # Composed first (aliases stay shared nodes), measured, and only then built.
-        _check_yaml_size(yaml.compose(text, Loader=loader), file)
-        data = yaml.load(text, Loader=loader)
+        data = _parse_yaml(text, file)
     except yaml.constructor.ConstructorError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
         tag = exc.problem.split("tag ")[-1] if exc.problem else "a tag"
@@ -538,6 +535,26 @@ def loads(text: str, *, file: str = "<study>") -> StudySpec:
         raise ConfigError(f"expected a mapping of keys (name, dataset, ...), but got a "
                           f"{type(data).__name__}", file=file, line=1)
     return from_dict(data, file=file, text=text)
+
+
+def _parse_yaml(text: str, file: str) -> Any:
+    """The YAML's data: composed first (aliases stay shared nodes), measured, and only
+    then built. libyaml when installed (a large file parses in milliseconds); a broken
+    file of ordinary size is parsed again by PyYAML, whose messages say more."""
+    fast = getattr(yaml, "CSafeLoader", None)
+    for loader in ((fast, yaml.SafeLoader) if fast else (yaml.SafeLoader,)):
+        try:
+            _check_yaml_size(yaml.compose(text, Loader=loader), file)
+            return yaml.load(text, Loader=loader)
+        except yaml.YAMLError as exc:
+            if "nesting depth" in str(exc):  # libyaml's own cap; PyYAML would crawl
+                mark = getattr(exc, "problem_mark", None)
+                raise ConfigError("YAML nests deeper than libyaml allows: a study file is "
+                                  "a few levels deep; flatten it", file=file,
+                                  line=mark.line + 1 if mark else None) from None
+            if loader is yaml.SafeLoader or len(text) > 65_536:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _check_yaml_size(root: yaml.Node | None, file: str) -> None:
@@ -1011,7 +1028,8 @@ class _LineFinder:
     def __post_init__(self) -> None:
         if self.text:
             try:
-                self._root = yaml.compose(self.text, Loader=yaml.SafeLoader)
+                loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+                self._root = yaml.compose(self.text, Loader=loader)
             except yaml.YAMLError:
                 self._root = None
 
