@@ -66,8 +66,11 @@ DataDirOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
 @contextlib.contextmanager
 def user_errors(debug: bool) -> Iterator[None]:
     """One line and exit 2 for a problem the user can fix; 130 for Ctrl-C."""
+    from sweeper.redaction import install_log_filter, redact_text
+
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    install_log_filter()  # no log line shows a password, whoever logs it
     if not debug:
         # Optuna's own INFO lines ("A new study created ...") and experimental-feature
         # warnings repeat what sweeper shows anyway.
@@ -79,7 +82,7 @@ def user_errors(debug: bool) -> Iterator[None]:
     except SweeperError as exc:
         if debug:
             raise
-        err.print(f"error: {exc}", markup=False, soft_wrap=True)
+        err.print(f"error: {redact_text(str(exc))}", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt as stop:
         if debug:
@@ -278,8 +281,9 @@ def ui(
         help="Where artifacts uploaded through this server go [default: artifacts/ beside "
              "a SQLite store, else mlruns/artifacts].")] = None,
     host: Annotated[str, typer.Option(
-        "--host", help="Interface to listen on; 0.0.0.0 opens it to other machines "
-                       "(MLflow then accepts only localhost and private-IP Host headers: "
+        "--host", help="Interface to listen on; 0.0.0.0 opens it to other machines, "
+                       "which needs $MLFLOW_AUTH_ADMIN_PASSWORD (MLflow's basic auth; "
+                       "MLflow then accepts only localhost and private-IP Host headers: "
                        "set MLFLOW_SERVER_ALLOWED_HOSTS for a name).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 5000,
     debug: Debug = False,
@@ -294,13 +298,19 @@ def ui(
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
         artifacts = artifacts or server.default_artifacts(store)
+        auth = server.ui_auth_env(host, store)  # refuses a non-loopback host without one
         server.check_port_free(host, port)
         command = server.server_command(store, artifacts, host=host, port=port,
-                                        workers=server.UI_WORKERS, access_log=False)
+                                        workers=server.UI_WORKERS, access_log=False,
+                                        app_name=server.AUTH_APP if auth else None)
         url = server.browser_url(host, port)
         err.print(f"starting mlflow server on {redact(store)} (artifacts {artifacts}) ...",
                   markup=False, soft_wrap=True)
+        if auth:
+            err.print(f"basic auth on: sign in as {auth[server.ADMIN_USERNAME_ENV]} with "
+                      f"${server.ADMIN_PASSWORD_ENV}", markup=False, soft_wrap=True)
         code = server.run_server(server.local_command(command), f"{url}/health",
+                                 env=server.server_env({**os.environ, **(auth or {})}),
                                  on_ready=lambda: out.print(
                                      f"MLflow UI: {url}  (Ctrl-C to stop)\n  a study is an "
                                      f"experiment, its trials are runs: choose \"Model "

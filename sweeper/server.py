@@ -27,6 +27,7 @@ from pathlib import Path
 from types import FrameType
 
 from sweeper.errors import TrackingError
+from sweeper.redaction import without_credentials
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_ARTIFACTS = "mlruns/artifacts"
@@ -57,14 +58,14 @@ def server_command(backend_store_uri: str, artifacts_destination: str, *,
                    host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                    workers: int | None = None,
                    allowed_hosts: Sequence[str] | None = None,
-                   access_log: bool = True) -> list[str]:
+                   access_log: bool = True, app_name: str | None = None) -> list[str]:
     """The argv of `mlflow server` on `backend_store_uri`, with artifacts proxied by the
     server (`--serve-artifacts`) and stored under `artifacts_destination`.
 
     `workers` None keeps MLflow's default (4 uvicorn workers); `allowed_hosts` None keeps
     MLflow's default Host-header check (localhost and private IP addresses only);
     `access_log` False drops uvicorn's line per request (a browser polls every few
-    seconds).
+    seconds); `app_name` `basic-auth` turns on MLflow's authentication (`ui_auth_env`).
     """
     command = ["mlflow", "server",
                "--backend-store-uri", backend_store_uri,
@@ -78,6 +79,8 @@ def server_command(backend_store_uri: str, artifacts_destination: str, *,
         command += ["--allowed-hosts", ",".join(allowed_hosts)]
     if not access_log:
         command += ["--uvicorn-opts", "--no-access-log"]
+    if app_name:
+        command += ["--app-name", app_name]
     return command
 
 
@@ -135,6 +138,68 @@ def default_artifacts(backend_store_uri: str) -> str:
     return str(path.parent / "artifacts")
 
 
+# --------------------------------------------------------------------------------------
+# Authentication: `sweeper ui` on an interface other machines reach
+# --------------------------------------------------------------------------------------
+AUTH_APP = "basic-auth"  # MLflow's basic-auth app (needs Flask-WTF)
+ADMIN_USERNAME_ENV = "MLFLOW_AUTH_ADMIN_USERNAME"
+ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
+SECRET_KEY_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"  # signs the auth app's CSRF tokens
+AUTH_CONFIG_ENV = "MLFLOW_AUTH_CONFIG_PATH"
+DEFAULT_ADMIN = "admin"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach a server bound to `host`."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name, 0.0.0.0's peers...: other machines may reach it
+
+
+def ui_auth_env(host: str, backend_store_uri: str,
+                environ: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The environment that turns on MLflow's basic auth for a UI bound to `host`, or None
+    on a loopback interface (only this machine's users reach it).
+
+    Anyone who reaches an MLflow server without auth can write runs and upload artifacts,
+    models included; so a non-loopback host needs `$MLFLOW_AUTH_ADMIN_PASSWORD` (and
+    optionally `$MLFLOW_AUTH_ADMIN_USERNAME`, default `admin`), or the UI refuses to start.
+    The users database (`basic_auth.db`) and its config (`basic_auth.ini`, no password in
+    it) live beside the store; MLflow creates the admin from the environment the first time.
+    """
+    import secrets
+
+    env = os.environ if environ is None else environ
+    if is_loopback(host):
+        return None
+    password = env.get(ADMIN_PASSWORD_ENV, "")
+    if not password:
+        raise TrackingError(
+            f"sweeper ui --host {host} would let anyone who reaches this machine write runs "
+            f"and upload files: set {ADMIN_PASSWORD_ENV} (and {ADMIN_USERNAME_ENV}, default "
+            f"{DEFAULT_ADMIN}) to turn on MLflow's basic auth, or serve on 127.0.0.1")
+    username = env.get(ADMIN_USERNAME_ENV) or DEFAULT_ADMIN
+    path = sqlite_path(backend_store_uri)
+    folder = (path.parent if path is not None else Path(DEFAULT_ARTIFACTS).parent).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\n"
+        "# Written by sweeper ui; the admin's password comes from the environment.\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{folder / 'basic_auth.db'}\n"
+        f"admin_username = {username}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return {AUTH_CONFIG_ENV: str(config), ADMIN_USERNAME_ENV: username,
+            ADMIN_PASSWORD_ENV: password,
+            SECRET_KEY_ENV: env.get(SECRET_KEY_ENV) or secrets.token_hex(32)}
+
+
 def browser_url(host: str, port: int) -> str:
     """The URL to open for a server bound to `host` (all interfaces: this machine's)."""
     if host in ("0.0.0.0", "", "::"):
@@ -147,6 +212,7 @@ def browser_url(host: str, port: int) -> str:
 def experiment_url(base: str, experiment_id: str) -> str:
     """The runs page of an experiment in MLflow's model-training view (MLflow 3 opens its
     GenAI view by default, which does not list runs)."""
+    base = without_credentials(base)
     return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
             f"?workflowType=machine_learning")
 
@@ -163,7 +229,9 @@ def trial_runs_url(base: str, experiment_id: str, metric: str = "val_accuracy",
 
 
 def run_url(base: str, experiment_id: str, run_id: str) -> str:
-    """The UI page of one run."""
+    """The UI page of one run (never with the credentials of a tracking URI: the browser
+    asks for them)."""
+    base = without_credentials(base)
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from sweeper import sqlite
 from sweeper.errors import StorageError
+from sweeper.redaction import redact_text, redact_url
 
 if TYPE_CHECKING:
     import optuna
@@ -101,15 +102,11 @@ def sqlite_file(url: str) -> Path | None:
 
 
 def redact(url: str) -> str:
-    """The URL with any password masked, for messages."""
-    if "://" not in url or "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    """The URL with its password and secret query values masked, for messages: the one
+    redactor, `sweeper.redaction.redact_url`."""
+    return redact_url(url)
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
+    text = redact_text(str(getattr(exc, "orig", None) or exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__

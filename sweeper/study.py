@@ -28,6 +28,7 @@ from sweeper.config import DatasetConfig, StudySpec, TrialConfig
 from sweeper.errors import ConfigError, StorageError, TrialFailure
 from sweeper.heartbeat import ATTR_WORKER, HeartbeatSettings
 from sweeper.queries import StudyQueries
+from sweeper.redaction import redact_text
 from sweeper.storage import open_storage, rdb_of, redact
 
 if TYPE_CHECKING:
@@ -484,6 +485,10 @@ class Worker:
 
         state = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED,
                  "FAIL": TrialState.FAIL}[outcome.state]
+        # An exception's text may hold a URL with a password: redacted before it is
+        # stored (Optuna attr here, MLflow tag and error.txt in `trial_ended`).
+        outcome.reason = redact_text(outcome.reason) if outcome.reason else outcome.reason
+        outcome.detail = redact_text(outcome.detail) if outcome.detail else outcome.detail
         if outcome.reason:
             with contextlib.suppress(Exception):
                 trial.set_user_attr(ATTR_REASON, outcome.reason)

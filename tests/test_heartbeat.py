@@ -29,6 +29,7 @@ STUDY = """
 name: beats
 dataset: {name: synthetic, synthetic: {train_size: 128, test_size: 64, image_size: 8}}
 model: {arch: mlp, hidden: [8]}
+train: {batch_size: 64}
 budget: {trials: 3, epochs: 1}
 sampler: {name: random, seed: 0}
 space:

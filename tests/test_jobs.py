@@ -27,6 +27,7 @@ TINY = """
 name: {name}
 dataset: {{name: synthetic, synthetic: {{train_size: {train}, test_size: 64, image_size: 8}}}}
 model: {{arch: mlp, hidden: [16]}}
+train: {{batch_size: 64}}
 budget: {{trials: {trials}, epochs: {epochs}}}
 sampler: {{name: random, seed: 0}}
 space:

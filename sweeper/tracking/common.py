@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sweeper.redaction import redact_text
+
 T = TypeVar("T")
 
 # Optuna study user attributes that link the study to MLflow.
@@ -72,8 +74,9 @@ def truncate(text: str, limit: int = REASON_MAX_CHARS) -> str:
 
 
 def one_line(exc: BaseException) -> str:
-    """An error as one short line; MLflow's HTTP errors carry a whole urllib3 repr."""
-    text = str(exc)
+    """An error as one short line, URLs redacted; MLflow's HTTP errors carry a whole
+    urllib3 repr."""
+    text = redact_text(str(exc))
     for marker, short in (("Connection refused", "connection refused"),
                           ("Name or service not known", "unknown host"),
                           ("Read timed out", "timed out"), ("ConnectTimeout", "timed out")):

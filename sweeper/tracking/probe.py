@@ -7,17 +7,26 @@ so the probe asks first with plain, short-timeout requests.
 
 from __future__ import annotations
 
+import base64
+import os
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sweeper import sqlite
 from sweeper.errors import TrackingError
 from sweeper.storage import redact
 from sweeper.tracking.common import http_env, one_line
-from sweeper.tracking.uris import TRACKING_ENV, is_http, sqlite_path
+from sweeper.tracking.uris import (
+    PASSWORD_ENV,
+    TOKEN_ENV,
+    TRACKING_ENV,
+    USERNAME_ENV,
+    is_http,
+    sqlite_path,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -87,10 +96,10 @@ def _probe(uri: str, make_client: Callable[[], MlflowClient], suffix: str) -> No
 
 
 def _probe_http(base: str, where: str, suffix: str) -> None:
-    """A plain GET with a short timeout."""
+    """A plain GET with a short timeout, with the credentials MLflow's client will send."""
+    request = urllib.request.Request(f"{base}/health", headers=auth_headers())
     try:
-        with urllib.request.urlopen(f"{base}/health",
-                                    timeout=CHECK_REQUEST_TIMEOUT_S) as response:
+        with urllib.request.urlopen(request, timeout=CHECK_REQUEST_TIMEOUT_S) as response:
             response.read(64)
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
@@ -104,6 +113,17 @@ def _probe_http(base: str, where: str, suffix: str) -> None:
         raise TrackingError(
             f"cannot reach the MLflow server at {where} ({reason}); start it (e.g. docker "
             f"compose up -d), fix --tracking-uri / ${TRACKING_ENV}{suffix}") from exc
+
+
+def auth_headers(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The Authorization header MLflow's client sends: a bearer token, else basic auth."""
+    env = os.environ if environ is None else environ
+    if env.get(TOKEN_ENV):
+        return {"Authorization": f"Bearer {env[TOKEN_ENV]}"}
+    if env.get(USERNAME_ENV):
+        pair = f"{env[USERNAME_ENV]}:{env.get(PASSWORD_ENV, '')}".encode()
+        return {"Authorization": f"Basic {base64.b64encode(pair).decode()}"}
+    return {}
 
 
 def _probe_sql(uri: str, where: str) -> None:

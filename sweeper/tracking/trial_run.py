@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sweeper.redaction import redact_text
 from sweeper.study import ATTR_MODEL_ID, ATTR_RUN_ID
 from sweeper.tracking import model_files
 from sweeper.tracking.common import (
@@ -388,6 +389,8 @@ class TrialRun:
         """Queue tags, error.txt and the terminal status after everything else of the run."""
         if self.run_id is None or self.tracker.disabled:
             return
+        reason = redact_text(reason) if reason else reason  # no password in a tag
+        error = redact_text(error) if error else error
         self.ending = True
         self._queue(f"end the run as {status}", self._end, state, status, reason, error,
                     seconds, always=True)

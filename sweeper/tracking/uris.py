@@ -4,12 +4,17 @@ artifacts. Plain strings and paths: no mlflow import here."""
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from sweeper.storage import sqlalchemy_url
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"  # MLflow's client sends them as basic auth
+PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
+TOKEN_ENV = "MLFLOW_TRACKING_TOKEN"
 # Next to a local SQLite store, artifacts go to <store folder>/artifacts/<study>; other SQL
 # stores (PostgreSQL without a server) use this folder under the working directory.
 DEFAULT_ARTIFACT_ROOT = "mlruns/artifacts"
@@ -35,8 +40,28 @@ def choose_tracking_uri(explicit: str | None) -> str:
 
 def client_uri(explicit: str | None) -> str:
     """The URI an `MlflowClient` is given: a bare `postgresql://` with the psycopg2 driver
-    sweeper ships, a relative SQLite path made absolute."""
-    return absolute_sqlite(sqlalchemy_url(choose_tracking_uri(explicit)))
+    sweeper ships, a relative SQLite path made absolute, and the credentials of an
+    `http://user:password@host` URI moved to `$MLFLOW_TRACKING_USERNAME` and
+    `$MLFLOW_TRACKING_PASSWORD` (where MLflow's client reads them), so the URI that
+    every message, link and record shows holds none."""
+    return absolute_sqlite(sqlalchemy_url(credentials_to_env(choose_tracking_uri(explicit))))
+
+
+def credentials_to_env(uri: str, environ: MutableMapping[str, str] | None = None) -> str:
+    """`uri` without the user info of an http(s) URI, which goes to the environment
+    (unless the environment already names a user: it wins)."""
+    if not is_http(uri):
+        return uri
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    env = os.environ if environ is None else environ
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    if not env.get(USERNAME_ENV):
+        env[USERNAME_ENV] = unquote(user)
+        env[PASSWORD_ENV] = unquote(password)
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def default_artifact_root(tracking_uri: str) -> str | None:
