@@ -294,11 +294,11 @@ def ui(
 
     with user_errors(debug):
         store = server.resolve_ui_store(backend_store_uri)
+        auth = server.ui_auth_env(host, store)  # refuses a non-loopback host without one
         database = server.sqlite_path(store)
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
         artifacts = artifacts or server.default_artifacts(store)
-        auth = server.ui_auth_env(host, store)  # refuses a non-loopback host without one
         server.check_port_free(host, port)
         command = server.server_command(store, artifacts, host=host, port=port,
                                         workers=server.UI_WORKERS, access_log=False,
