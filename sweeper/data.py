@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
+import hashlib
+import io
 import math
 import os
 import pickle
@@ -452,9 +454,53 @@ def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+# md5 of each file of the CIFAR-10 python release (cifar-10-python.tar.gz), as torchvision
+# lists them.
+_CIFAR_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+}
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, strings, numbers and numpy arrays, and nothing else: a pickle
+    that names any other function or class (the way a pickle runs code) is refused."""
+
+    ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}: not plain data")
+
+
 def _unpickle(path: Path) -> object:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    """A CIFAR pickle, checked against the release's md5 first and read as plain data
+    only, so that a file someone replaced can never run code."""
+    raw = path.read_bytes()
+    expected = _CIFAR_MD5.get(path.name)
+    if expected is not None and hashlib.md5(raw, usedforsecurity=False).hexdigest() != expected:
+        _warn_once(f"{path} differs from the CIFAR-10 release (md5); it is read as plain "
+                   f"data only")
+    try:
+        return _DataOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"{path} is not a CIFAR-10 batch ({exc}); unpack "
+                        f"cifar-10-python.tar.gz again") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_once(message: str) -> None:
+    import logging
+
+    logging.getLogger(__name__).warning(message)
 
 
 def _load_digits(seed: int) -> _Raw:

@@ -436,3 +436,19 @@ def test_cuda_data_with_a_cpu_generator() -> None:
     assert out.device.type == "cuda" and out.shape == (32, 1, 16, 16)
     cuda_generator = torch.Generator(device="cuda").manual_seed(0)
     assert len(list(batches(ds.val, 64, shuffle=True, generator=cuda_generator))) > 0
+
+
+def test_cifar_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
+    """A batch replaced by a pickle that would run a command: refused, nothing runs."""
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    write_cifar(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(DataError, match="not plain data"):
+        load_dataset(DatasetConfig(name="cifar10", download=False), data_dir=tmp_path)
+    assert not (tmp_path / "pwned").exists()
