@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +25,16 @@ from optuna.trial import TrialState
 
 from sweeper import config
 from sweeper.errors import TrackingError
+from sweeper.modelfile import MODEL_DIR, read_model
 from sweeper.plots import read_roc_csv
+from sweeper.serving import prepare_images
 from sweeper.storage import open_storage
 from sweeper.study import RunOptions, open_study, run_study
 from sweeper.tracking import (
     ATTR_PARENT_RUN,
     MlflowTracker,
     default_artifact_root,
+    model_files,
     resolve_tracking_uri,
 )
 
@@ -90,7 +94,14 @@ def load_logged_model(tracking_uri: str, model_id: str) -> Any:
     location = MlflowClient(tracking_uri).get_logged_model(model_id).artifact_location
     local = mlflow.artifacts.download_artifacts(artifact_uri=location,
                                                 tracking_uri=tracking_uri)
-    return mlflow.pytorch.load_model(local)
+    return model_files.load(local)  # config + safetensors: nothing unpickled
+
+
+def serving_env() -> dict[str, str]:
+    """The environment for `mlflow models serve --env-manager local`: it runs `uvicorn`
+    from PATH, so this interpreter's bin/ comes first."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def layout_study(three_trials: dict[str, Any]) -> optuna.Study:
@@ -233,8 +244,8 @@ def test_logged_model_reproduces_the_test_accuracy(three_trials: dict[str, Any])
 
 
 def test_logged_model_serves_over_http(three_trials: dict[str, Any], tmp_path: Path) -> None:
-    """`mlflow models serve` (the pyfunc flavour, this environment) answers /invocations with
-    the logits the torch model gives for the stored input example."""
+    """`mlflow models serve` (sweeper's pyfunc, this environment) answers /invocations with
+    the class probabilities and labels the network gives for the stored raw example."""
     import subprocess
     import sys
     import time
@@ -257,7 +268,8 @@ def test_logged_model_serves_over_http(three_trials: dict[str, Any], tmp_path: P
     log = (tmp_path / "serve.log").open("w")
     serve = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", str(local),
                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                             env=serving_env())
     try:
         deadline = time.monotonic() + 90
         body = None
@@ -275,12 +287,15 @@ def test_logged_model_serves_over_http(three_trials: dict[str, Any], tmp_path: P
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(timeout=30)
-    served = np.asarray(body["predictions"], dtype=np.float32)
-    model = mlflow.pytorch.load_model(str(local)).eval()
+    served = np.asarray(body["predictions"]["probabilities"], dtype=np.float32)
+    model, info = read_model(local / MODEL_DIR)
+    raw = np.asarray(example["inputs"], dtype=np.float32)  # raw images, 0-1
     with torch.no_grad():
-        expected = model(torch.tensor(example["inputs"], dtype=torch.float32)).numpy()
+        logits = model(torch.from_numpy(prepare_images(raw, info)))
+    expected = torch.softmax(logits, dim=1).numpy()
     assert served.shape == expected.shape == (4, 4)  # EXAMPLE_IMAGES x classes
     np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-5)
+    assert body["predictions"]["label"] == expected.argmax(axis=1).tolist()
 
 
 def test_best_model_is_registered_with_alias(three_trials: dict[str, Any]) -> None:
