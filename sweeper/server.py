@@ -54,7 +54,7 @@ STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
 
 
-def server_command(backend_store_uri: str, artifacts_destination: str, *,
+def server_command(backend_store_uri: str | None, artifacts_destination: str, *,
                    host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                    workers: int | None = None,
                    allowed_hosts: Sequence[str] | None = None,
@@ -62,14 +62,17 @@ def server_command(backend_store_uri: str, artifacts_destination: str, *,
     """The argv of `mlflow server` on `backend_store_uri`, with artifacts proxied by the
     server (`--serve-artifacts`) and stored under `artifacts_destination`.
 
+    `backend_store_uri` None leaves the store to `$MLFLOW_BACKEND_STORE_URI` (compose: a
+    password in a URI on a command line is visible to every user of the machine);
     `workers` None keeps MLflow's default (4 uvicorn workers); `allowed_hosts` None keeps
     MLflow's default Host-header check (localhost and private IP addresses only);
     `access_log` False drops uvicorn's line per request (a browser polls every few
     seconds); `app_name` `basic-auth` turns on MLflow's authentication (`ui_auth_env`).
     """
-    command = ["mlflow", "server",
-               "--backend-store-uri", backend_store_uri,
-               "--artifacts-destination", artifacts_destination,
+    command = ["mlflow", "server"]
+    if backend_store_uri is not None:  # None: from $MLFLOW_BACKEND_STORE_URI, off argv
+        command += ["--backend-store-uri", backend_store_uri]
+    command += ["--artifacts-destination", artifacts_destination,
                "--serve-artifacts",
                "--host", host,
                "--port", str(port)]

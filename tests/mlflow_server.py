@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -162,3 +163,13 @@ def postgres_database(prefix: str = "sweeper_mlflow", scheme: str = "postgresql+
             with conn.cursor() as cur:
                 cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             conn.close()
+
+
+def serving_env(folder: Path) -> dict[str, str]:
+    """The environment for `mlflow models serve --env-manager local`, which starts
+    `uvicorn` from PATH: a `uvicorn` of this interpreter in `folder`, first on PATH (a
+    virtual environment that borrows its packages has no such script of its own)."""
+    shim = folder / "uvicorn"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m uvicorn "$@"\n')
+    shim.chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow_server import free_port
+from mlflow_server import free_port, serving_env
 from typer.testing import CliRunner
 
 STUDY = """
@@ -66,8 +66,8 @@ def test_served_model_labels_raw_mnist_images(mnist_dir: Path, tmp_path: Path,
     truth = test.targets[:IMAGES].numpy()
 
     port = free_port()
-    bin_dir = str(Path(sys.executable).parent)  # `uvicorn` is started from PATH
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    bin_dir = str(Path(sys.executable).parent)
+    env = serving_env(tmp_path)
     log = (tmp_path / "serve.log").open("w")
     serve = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", local,
                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],

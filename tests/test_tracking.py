@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,13 @@ import numpy as np
 import optuna
 import pytest
 from mlflow import MlflowClient
-from mlflow_server import MlflowServer, free_port, mlflow_server, postgres_database
+from mlflow_server import (
+    MlflowServer,
+    free_port,
+    mlflow_server,
+    postgres_database,
+    serving_env,
+)
 from optuna.trial import TrialState
 
 from sweeper import config
@@ -95,13 +100,6 @@ def load_logged_model(tracking_uri: str, model_id: str) -> Any:
     local = mlflow.artifacts.download_artifacts(artifact_uri=location,
                                                 tracking_uri=tracking_uri)
     return model_files.load(local)  # config + safetensors: nothing unpickled
-
-
-def serving_env() -> dict[str, str]:
-    """The environment for `mlflow models serve --env-manager local`: it runs `uvicorn`
-    from PATH, so this interpreter's bin/ comes first."""
-    bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def layout_study(three_trials: dict[str, Any]) -> optuna.Study:
@@ -269,7 +267,7 @@ def test_logged_model_serves_over_http(three_trials: dict[str, Any], tmp_path: P
     serve = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", str(local),
                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                             env=serving_env())
+                             env=serving_env(tmp_path))
     try:
         deadline = time.monotonic() + 90
         body = None
