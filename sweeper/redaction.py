@@ -82,7 +82,12 @@ def redact_text(text: str) -> str:
     """Every URL in free text (an exception's message, a log line) redacted."""
     if "://" not in text:
         return text
-    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
+    def one(match: re.Match[str]) -> str:
+        url = match.group(0)
+        trimmed = url.rstrip(".,;:!?)]}")  # the sentence's punctuation, not the URL's
+        return redact_url(trimmed) + url[len(trimmed):]
+
+    return _URL_IN_TEXT.sub(one, text)
 
 
 def _redact_query(query: str) -> str:

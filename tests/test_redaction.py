@@ -59,6 +59,8 @@ def test_links_drop_credentials_and_text_is_redacted() -> None:
     assert without_credentials(f"http://admin:{SECRET}@h:5000/#/x") == "http://h:5000/#/x"
     text = f"cannot reach postgresql://bob:{SECRET}@db/x (refused); http://a:{SECRET}@c/ too"
     assert SECRET not in redact_text(text) and "bob:***@db" in redact_text(text)
+    assert redact_text(f"store db://h/x?password={SECRET}: refused") == \
+        "store db://h/x?password=***: refused"
 
 
 def test_log_lines_and_tracebacks_are_redacted() -> None:
