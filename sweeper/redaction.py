@@ -79,7 +79,11 @@ def _rebuild(url: str, *, keep_user: bool) -> str:
 
 
 def redact_text(text: str) -> str:
-    """Every URL in free text (an exception's message, a log line) redacted."""
+    """Every URL in free text (an exception's message, a log line) redacted.
+
+    >>> redact_text("cannot open postgresql://bob:hunter2@db/optuna: refused")
+    'cannot open postgresql://bob:***@db/optuna: refused'
+    """
     if "://" not in text:
         return text
     def one(match: re.Match[str]) -> str:

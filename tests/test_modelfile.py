@@ -178,12 +178,18 @@ def trust_study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @contextlib.contextmanager
 def _in(root: Path) -> Iterator[None]:
     """`root` as the working directory, with the default local stores."""
+    from sweeper.results import _open_for_reading
+
     previous = Path.cwd()
     saved = {k: os.environ.pop(k, None) for k in ("SWEEPER_STORAGE", "MLFLOW_TRACKING_URI")}
     os.chdir(root)
+    # Storages are cached per URL: the default one is relative, so another folder's
+    # would answer for this one.
+    _open_for_reading.cache_clear()
     try:
         yield
     finally:
+        _open_for_reading.cache_clear()
         os.chdir(previous)
         os.environ.update({k: v for k, v in saved.items() if v is not None})
 
