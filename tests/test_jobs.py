@@ -27,7 +27,6 @@ TINY = """
 name: {name}
 dataset: {{name: synthetic, synthetic: {{train_size: {train}, test_size: 64, image_size: 8}}}}
 model: {{arch: mlp, hidden: [16]}}
-train: {{batch_size: 64}}
 budget: {{trials: {trials}, epochs: {epochs}}}
 sampler: {{name: random, seed: 0}}
 space:
@@ -36,7 +35,7 @@ space:
 HOST = socket.gethostname()
 
 
-def study_file(root: Path, name: str, *, trials: int, epochs: int = 1, train: int = 128,
+def study_file(root: Path, name: str, *, trials: int, epochs: int = 1, train: int = 160,
                extra: str = "") -> Path:
     path = root / f"{name}.yaml"
     path.write_text(TINY.format(name=name, trials=trials, epochs=epochs, train=train) + extra)
