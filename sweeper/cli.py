@@ -84,8 +84,10 @@ def user_errors(debug: bool) -> Iterator[None]:
     except KeyboardInterrupt as stop:
         if debug:
             raise
-        reason = getattr(stop, "reason", None) or "interrupted"
-        err.print(f"{reason}: the running trial was recorded as FAIL", markup=False)
+        reason = getattr(stop, "reason", None) or (str(stop) if str(stop) else "interrupted")
+        # What the worker recorded on the way out (see `Worker.run`).
+        recorded = getattr(stop, "recorded", None) or "the running trial was recorded as FAIL"
+        err.print(f"{reason}: {recorded}", markup=False)
         # 130 for Ctrl-C, 143 for SIGTERM: what a shell reports for either signal.
         raise typer.Exit(143 if "SIGTERM" in reason else 130) from None
 

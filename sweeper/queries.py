@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import optuna
@@ -35,6 +35,8 @@ class RunningTrial:
     number: int
     silent_s: float  # since its last heartbeat, or since it started if it never beat
     beats: bool  # whether it ever recorded a heartbeat
+    # The interval and grace its worker recorded (`heartbeat.ATTR_HEARTBEAT`), or None.
+    heartbeat: dict[str, Any] | None = None
 
 
 class StudyQueries:
@@ -102,23 +104,26 @@ class StudyQueries:
         from optuna.trial import TrialState
 
         trial, beat = models.TrialModel, models.TrialHeartbeatModel
+        attr = models.TrialSystemAttributeModel
         with self._session() as session:
             db_now = session.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar()
             rows = (session.query(trial.trial_id, trial.number, beat.heartbeat,
-                                  trial._datetime_start_utc)
+                                  trial._datetime_start_utc, attr.value_json)
                     .outerjoin(beat, beat.trial_id == trial.trial_id)
+                    .outerjoin(attr, sqlalchemy.and_(attr.trial_id == trial.trial_id,
+                                                     attr.key == "sweeper:heartbeat"))
                     .filter(trial.study_id == self.study_id,
                             trial.state == TrialState.RUNNING).all())
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         db_now = _naive(db_now) if db_now is not None else now
         out = []
-        for trial_id, number, last_beat, started in rows:
+        for trial_id, number, last_beat, started, settings in rows:
             if last_beat is not None:
                 silent = (db_now - _naive(last_beat)).total_seconds()
             else:
                 silent = (now - _naive(started)).total_seconds() if started else 0.0
             out.append(RunningTrial(int(trial_id), int(number), max(silent, 0.0),
-                                    last_beat is not None))
+                                    last_beat is not None, _json_or_none(settings)))
         return out
 
     def trial_ids(self, *, states: Sequence[str] | None = None, by_value: bool = False,
@@ -184,3 +189,15 @@ def _naive(stamp: datetime | str) -> datetime:
     if isinstance(stamp, str):
         stamp = datetime.fromisoformat(stamp)
     return stamp.replace(tzinfo=None)
+
+
+def _json_or_none(text: str | None) -> dict[str, Any] | None:
+    import json
+
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

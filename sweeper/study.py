@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sweeper import heartbeat, samplers, space, stopping
+from sweeper import heartbeat, retrying, samplers, space, stopping
 from sweeper.config import DatasetConfig, StudySpec, TrialConfig
 from sweeper.errors import ConfigError, StorageError, TrialFailure
-from sweeper.heartbeat import ATTR_WORKER, HeartbeatSettings
+from sweeper.heartbeat import ATTR_HEARTBEAT, ATTR_WORKER, HeartbeatSettings
 from sweeper.queries import StudyQueries
 from sweeper.storage import open_storage, rdb_of, redact
 
@@ -246,9 +246,10 @@ class Worker:
         spec, options = self.spec, self.options
         # An unreachable tracking store, then a missing dataset: both are the user's to fix,
         # before any study is written.
-        if self.tracker is not None:
-            self.tracker.check()
-        self.dataset(spec.dataset)
+        with stopping.interruptible():  # nothing is written yet: a signal stops at once
+            if self.tracker is not None:
+                self.tracker.check()
+            self.dataset(spec.dataset)
         study, created = open_or_create(spec, options.storage)
         if not (created or options.keep_seed):
             # Another worker, or an earlier run, already draws from the file's seed: the
@@ -286,6 +287,7 @@ class Worker:
                 self._linger_until = None
                 outcomes.append(outcome)
                 self.progress("trial", {"outcome": outcome, "study": study})
+                stopping.checkpoint("between-trials")
                 failing = failing + 1 if outcome.cause == "environment" else 0
                 if failing >= options.max_worker_failures:
                     stopped_by = "failing"
@@ -294,11 +296,14 @@ class Worker:
                                f"{outcome.reason}); fix this machine and run again")
                     log.error("%s", message)
                     break
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             stopped_by = "interrupted"
+            if not hasattr(stop, "recorded"):
+                stop.recorded = "no trial was running"  # type: ignore[attr-defined]
             raise
         finally:
             if self.tracker is not None:
+                stopping.checkpoint("in-end-study")
                 self.tracker.end_study(study, interrupted=stopped_by == "interrupted")
             self.progress("end", {"study": study, "stopped_by": stopped_by})
         return RunReport(spec.name, options.storage, outcomes, finished_before, target,
@@ -350,7 +355,8 @@ class Worker:
                         "silent: waiting up to %g s to take them back", numbers,
                         settings.grace_s)
         # A cheap query: look often, so that the worker leaves soon after the last trial.
-        time.sleep(min(settings.interval_s, LINGER_POLL_S))
+        with stopping.interruptible():
+            time.sleep(min(settings.interval_s, LINGER_POLL_S))
         return True
 
     def fail_lost_trials(self, study: optuna.Study) -> None:
@@ -363,10 +369,27 @@ class Worker:
 
     def run_trial(self, study: optuna.Study) -> TrialOutcome:
         """Ask, train, tell, with the trial's heartbeat going all the while. Returns how the
-        trial ended; raises only KeyboardInterrupt (after telling Optuna)."""
-        trial = study.ask()
-        with heartbeat.beating(rdb_of(study), trial._trial_id, self.options.heartbeat):
+        trial ended; raises only KeyboardInterrupt (after telling Optuna) and StorageError
+        (an outage that outlasted the retries).
+
+        Everything but the training runs with signals deferred (see `stopping`): a stop
+        that arrives while the trial is asked for, its run created or its result told
+        takes effect when training starts (the trial then ends FAIL, interrupted) or
+        before the next trial."""
+        trial = self._ask(study)
+        stopping.checkpoint("after-ask")
+        settings = self.options.heartbeat
+        with contextlib.suppress(StorageError):  # readers fall back to their own settings
+            rdb_of(study).set_trial_system_attr(trial._trial_id, ATTR_HEARTBEAT,
+                                                settings.as_attr())
+        with heartbeat.beating(rdb_of(study), trial._trial_id, settings):
             return self._attempt(study, trial)
+
+    def _ask(self, study: optuna.Study) -> optuna.Trial:
+        """`study.ask()`, retried through a database blip. An attempt whose commit landed
+        although its answer was lost leaves a trial that never beats: the heartbeat rules
+        take it back like any lost one."""
+        return retrying.retry(study.ask, "ask the Optuna storage for a new trial")
 
     def _attempt(self, study: optuna.Study, trial: optuna.Trial) -> TrialOutcome:
         import optuna
@@ -379,7 +402,7 @@ class Worker:
             outcome.params = dict(trial.params)
             samplers.check_grid_point(study, trial)
             trial.set_user_attr(ATTR_CONFIG, config.flat())
-            with self._trial_run(trial, config) as run:
+            with self._trial_run(trial, config) as run, stopping.interruptible():
                 values, metrics = self.objective(self, trial, config, run)
                 outcome.values, outcome.metrics = values, metrics
                 outcome.state = "COMPLETE"
@@ -394,7 +417,10 @@ class Worker:
             outcome.interrupted = True
             outcome.cause = "interrupted"
             outcome.seconds = time.monotonic() - started
-            self._tell(study, trial, outcome)
+            with stopping.deferred():
+                self._tell(study, trial, outcome)
+            stop.recorded = (  # type: ignore[attr-defined]
+                f"the running trial (#{trial.number}) was recorded as {outcome.state}")
             raise
         except Exception as exc:  # any error fails this trial, never the study
             outcome.detail = traceback.format_exc()
@@ -441,6 +467,10 @@ class Worker:
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
             stopping.raise_if_stopped()
+            with stopping.deferred():  # the epoch's records reach the stores whole
+                return record_epoch(epoch, metrics)
+
+        def record_epoch(epoch: int, metrics: dict[str, float]) -> bool:
             if run is not None:
                 run.log_epoch(epoch, metrics)
             self.progress("epoch", {"trial": trial.number, "epoch": epoch,
@@ -472,29 +502,56 @@ class Worker:
         if not all(math.isfinite(v) for v in values):
             raise TrialFailure(f"objective is not finite: {values}")
         summary = {k: v for k, v in metrics.items() if _is_summary_metric(k)}
-        trial.set_user_attr(ATTR_METRICS, summary)
-        if run is not None:
-            run.log_result(model=model, data=data, history=result.history,
-                           evaluations={"val": val, "test": test}, metrics=metrics,
-                           values=values)
+        with stopping.deferred():
+            trial.set_user_attr(ATTR_METRICS, summary)
+            if run is not None:
+                run.log_result(model=model, data=data, history=result.history,
+                               evaluations={"val": val, "test": test}, metrics=metrics,
+                               values=values)
         return values, summary
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome) -> None:
+        """Record the outcome in Optuna, then in tracking. Retried through a database blip
+        and idempotent: an attempt that landed although its answer was lost is not told
+        twice. A trial that another worker took back meanwhile (its heartbeat looked
+        lost) keeps the state it was given there; this worker says so and goes on."""
         from optuna.trial import TrialState
 
         state = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED,
                  "FAIL": TrialState.FAIL}[outcome.state]
+        storage = rdb_of(study)
         if outcome.reason:
-            with contextlib.suppress(Exception):
-                trial.set_user_attr(ATTR_REASON, outcome.reason)
+            with contextlib.suppress(Exception):  # a finished trial's attrs cannot change
+                storage.set_trial_user_attr(trial._trial_id, ATTR_REASON, outcome.reason)
+        stopping.checkpoint("in-tell")
+
+        def tell() -> optuna.trial.FrozenTrial:
+            if storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                with contextlib.suppress(UpdateFinishedTrialError, ValueError):
+                    # Finished meanwhile: taken back, or an earlier attempt landed.
+                    if state == TrialState.COMPLETE:
+                        study.tell(trial, outcome.values, skip_if_finished=True)
+                    else:
+                        study.tell(trial, state=state, skip_if_finished=True)
+            return storage.get_trial(trial._trial_id)
+
+        from optuna.exceptions import UpdateFinishedTrialError
+
         try:
-            if state == TrialState.COMPLETE:
-                study.tell(trial, outcome.values)
-            else:
-                study.tell(trial, state=state)
+            stored = retrying.retry(tell, f"record trial {trial.number}")
+        except StorageError:
+            raise
         except Exception as exc:
             raise StorageError(f"could not record trial {trial.number} in Optuna storage: "
                                f"{_one_line(str(exc))}") from exc
+        if stored.state != state and stored.state.is_finished():
+            taken = str(stored.user_attrs.get(ATTR_REASON) or "taken back")
+            log.warning("trial %d was taken back by another worker while it ran here (%s); "
+                        "it stays %s there and this worker goes on", trial.number, taken,
+                        stored.state.name)
+            outcome.state = stored.state.name
+            outcome.reason = f"taken back: {taken}"
+            outcome.cause = "taken-back"
         if self.tracker is not None:
             self.tracker.trial_ended(study, outcome)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sweeper import stopping
 from sweeper.study import ATTR_MODEL_ID, ATTR_RUN_ID
 from sweeper.tracking.common import (
     MLFLOW_STATUS,
@@ -169,6 +170,7 @@ class TrialRun:
                            run_name=f"trial-{self.number}", tags=tags)
         if run is None:
             return
+        stopping.checkpoint("in-create-run")
         self.run_id = run.info.run_id
         try:
             self.trial.set_user_attr(ATTR_RUN_ID, self.run_id)
