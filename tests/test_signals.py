@@ -7,6 +7,7 @@ The points are reached through the test-only `SWEEPER_TEST_SIGNAL_AT` hook (`sto
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,8 +34,19 @@ POINTS = ["after-ask", "in-tell", "in-create-run", "in-end-study", "between-tria
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
-def run_with_signal(root: Path, at: str) -> tuple[subprocess.CompletedProcess[str], float]:
+@pytest.fixture(scope="module")
+def fresh_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow store made once: creating its tables takes seconds under load."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments(max_results=1)
+    return path
+
+
+def run_with_signal(root: Path, at: str, template: Path
+                    ) -> tuple[subprocess.CompletedProcess[str], float]:
     (root / "sig.yaml").write_text(TINY)
+    (root / "mlruns").mkdir()
+    shutil.copy(template, root / "mlruns" / "mlflow.db")
     env = {k: v for k, v in os.environ.items()
            if k not in ("SWEEPER_STORAGE", "MLFLOW_TRACKING_URI")}
     env[stopping.TEST_SIGNAL_ENV] = at
@@ -56,8 +68,8 @@ def left_running(root: Path) -> tuple[list[int], list[str]]:
     return trials, [r.info.run_name for r in runs if r.info.status == "RUNNING"]
 
 
-def check_stopped(root: Path, sig: signal.Signals, point: str) -> None:
-    result, seconds = run_with_signal(root, f"{point}:{sig.name}")
+def check_stopped(root: Path, sig: signal.Signals, point: str, template: Path) -> None:
+    result, seconds = run_with_signal(root, f"{point}:{sig.name}", template)
     assert result.returncode == EXIT[sig], result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     reason = "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)"
@@ -86,16 +98,18 @@ def check_stopped(root: Path, sig: signal.Signals, point: str) -> None:
         assert runs["0"].info.status == "FINISHED"
 
 
-def test_sigterm_inside_tell_keeps_the_trial_and_stops(tmp_path: Path) -> None:
-    check_stopped(tmp_path, signal.SIGTERM, "in-tell")
+def test_sigterm_inside_tell_keeps_the_trial_and_stops(tmp_path: Path,
+                                                       fresh_mlflow_db: Path) -> None:
+    check_stopped(tmp_path, signal.SIGTERM, "in-tell", fresh_mlflow_db)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("point", POINTS)
 def test_a_signal_at_any_point_leaves_nothing_running(tmp_path: Path, point: str,
-                                                      sig: signal.Signals) -> None:
-    check_stopped(tmp_path, sig, point)
+                                                      sig: signal.Signals,
+                                                      fresh_mlflow_db: Path) -> None:
+    check_stopped(tmp_path, sig, point, fresh_mlflow_db)
 
 
 def test_the_hook_fires_only_at_its_point_and_only_once(monkeypatch: pytest.MonkeyPatch
