@@ -229,6 +229,14 @@ def _print_tracking(study: optuna.Study, spec: StudySpec, tracking_uri: str | No
               markup=False, soft_wrap=True)
     hint = _browse_hint(uri, study.user_attrs.get(ATTR_EXPERIMENT), spec)
     out.print(f"  browse: {hint}", markup=False, soft_wrap=True)
+    if tracker is not None and (tracker.unsent or tracker.parent_unsent):
+        missing = [f"trial(s) {', '.join(f'#{n}' for n in tracker.unsent)}"] \
+            if tracker.unsent else []
+        if tracker.parent_unsent:
+            missing.append("the parent run's end")
+        err.print(f"warning: MLflow is missing the record of {' and '.join(missing)}: run "
+                  f"`sweeper reap {spec.name}` once it answers", markup=False,
+                  soft_wrap=True)
 
 
 def _duration(value: str | None, option: str) -> float | None:

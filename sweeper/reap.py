@@ -5,7 +5,9 @@ running worker is left to see: the last worker died, or a study ran before a cra
 nobody resumed it. In Optuna, every RUNNING trial silent for the grace period (every
 RUNNING one with `everything`) ends FAIL "worker lost" and is re-queued once. In MLflow,
 every RUNNING trial run whose trial no longer runs ends with the status its state maps to,
-and the parent run ends once no trial of the study runs.
+the parent run ends once no trial of the study runs, and a finished trial that has no run
+(MLflow was away) or whose run lacks its summary metrics (a worker killed while they were
+queued) gets them from Optuna's record.
 """
 
 from __future__ import annotations
@@ -61,13 +63,17 @@ def reap(study_name: str, *, storage: str | None = None, tracking_uri: str | Non
         report.tracked = False
         return report
     from sweeper.tracking.reader import TrackingReader
-    from sweeper.tracking.repair import reap_runs
+    from sweeper.tracking.repair import fill_in_runs, reap_runs
 
     trials = study.get_trials(deepcopy=False)
+    client = TrackingReader(tracking_uri).client
     report.runs = reap_runs(
-        TrackingReader(tracking_uri).client, experiment_id,
+        client, experiment_id,
         trial_states={t.number: t.state.name for t in trials},
         reasons={t.number: str(t.user_attrs[ATTR_REASON]) for t in trials
                  if t.user_attrs.get(ATTR_REASON)},
         parent_run_id=study.user_attrs.get(ATTR_PARENT_RUN), study_running=bool(running))
+    # What MLflow missed while it was away, or while a killed worker's uploads waited.
+    report.runs += fill_in_runs(client, experiment_id, study.study_name,
+                                study.user_attrs.get(ATTR_PARENT_RUN), trials)
     return report

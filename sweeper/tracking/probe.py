@@ -33,7 +33,7 @@ def check_store(uri: str, make_client: Callable[[], MlflowClient], *, escape: st
     retry for minutes, as the client is made). `escape` ends messages that say how to go
     on without tracking, e.g. "or run with --no-tracking"."""
     # The time limit is the store's, not the import's (seconds on a busy machine).
-    import mlflow.tracking  # noqa: F401
+    import mlflow.tracking
 
     if not is_http(uri):
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401

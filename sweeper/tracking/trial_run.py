@@ -97,6 +97,9 @@ class TrialRun:
         self.error_logged = False
         self.model_id: str | None = None
         self._ops: list[Future[Any]] = []
+        # Something of the run was not sent (a failure, or the store was away): the end
+        # of the study fills it in from Optuna's record, or `sweeper reap` does.
+        self.incomplete = False
 
     # -- plumbing -----------------------------------------------------------------------
     @property
@@ -106,11 +109,13 @@ class TrialRun:
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`fn(...)` now, on this thread; a failure marks the run broken (one warning)."""
         if not self.live:
+            self.incomplete = True
             return None
         before = len(self.tracker.failures)
         result = self.tracker.call(f"{what} (trial {self.number})", fn, *args, **kwargs)
-        if len(self.tracker.failures) > before:
+        if len(self.tracker.failures) > before or self.tracker.disabled:
             self.broken = True
+            self.incomplete = True
         return result
 
     def _queue(self, what: str, fn: Callable[..., Any], *args: Any,
@@ -118,10 +123,12 @@ class TrialRun:
         """`fn(...)` on the background thread, after everything queued before it. Skipped
         there if the run broke in the meantime (unless `always`: ending the run)."""
         if self.run_id is None or self.tracker.disabled or (self.broken and not always):
+            self.incomplete = True
             return
 
         def guarded() -> None:
             if self.tracker.disabled or (self.broken and not always):
+                self.incomplete = True
                 return
             if always:
                 self.broken = False  # ending a run is tried even after an earlier failure
@@ -384,6 +391,7 @@ class TrialRun:
             seconds: float | None = None) -> None:
         """Queue tags, error.txt and the terminal status after everything else of the run."""
         if self.run_id is None or self.tracker.disabled:
+            self.incomplete = True
             return
         self.ending = True
         self._queue(f"end the run as {status}", self._end, state, status, reason, error,
