@@ -12,15 +12,30 @@ shows. They use Optuna's table models (`optuna.storages._rdb.models`, stable sin
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import optuna
     from sqlalchemy.orm import Session
+
+T = TypeVar("T")
+
+
+def _retried(method: Callable[..., T]) -> Callable[..., T]:
+    """A query the study loop asks between trials, retried through a database blip."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        from sweeper.retrying import retry
+
+        return retry(lambda: method(*args, **kwargs), f"read the study ({method.__name__})")
+
+    return wrapper
 
 
 # The system attr Optuna's retry callback (and sweeper's) puts on the copy of a lost trial.
@@ -54,6 +69,7 @@ class StudyQueries:
         finally:
             session.close()
 
+    @_retried
     def counts(self) -> dict[str, int]:
         """Trials by state name."""
         from optuna.storages._rdb import models
@@ -78,6 +94,7 @@ class StudyQueries:
         stamps = [s for s in (started, completed) if s is not None]
         return max(stamps) if stamps else None
 
+    @_retried
     def budget_count(self, counts: dict[str, int] | None = None) -> int:
         """Trials that count against `budget.trials`: complete, pruned or failed, less the
         lost trials that were re-queued (their retry stands in for them). `counts`: the
@@ -95,6 +112,7 @@ class StudyQueries:
                        .scalar())
         return finished - int(retries or 0)
 
+    @_retried
     def running(self) -> list[RunningTrial]:
         """The RUNNING trials and how long ago each last gave a sign of life, measured by
         the database's clock (as heartbeats are recorded), or by this machine's for a trial

@@ -38,7 +38,7 @@ IDEMPOTENT = (
     "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies",
     "set_trial_param", "set_trial_user_attr", "set_trial_system_attr",
     "set_trial_intermediate_value", "set_study_user_attr", "set_study_system_attr",
-    "record_heartbeat", "_get_prepared_new_trial", "get_heartbeat_interval",
+    "record_heartbeat", "get_heartbeat_interval", "_get_trials",
 )
 
 

@@ -306,6 +306,10 @@ class Worker:
                 stopping.checkpoint("in-end-study")
                 self.tracker.end_study(study, interrupted=stopped_by == "interrupted")
             self.progress("end", {"study": study, "stopped_by": stopped_by})
+        if stopping.requested() is not None:  # arrived while the study ended: still a stop
+            stop = stopping.Stopped(stopping.requested() or "interrupted")
+            stop.recorded = "every trial was recorded before the stop"  # type: ignore[attr-defined]
+            raise stop
         return RunReport(spec.name, options.storage, outcomes, finished_before, target,
                          stopped_by, message)
 

@@ -98,11 +98,6 @@ def check_stopped(root: Path, sig: signal.Signals, point: str, template: Path) -
         assert runs["0"].info.status == "FINISHED"
 
 
-def test_sigterm_inside_tell_keeps_the_trial_and_stops(tmp_path: Path,
-                                                       fresh_mlflow_db: Path) -> None:
-    check_stopped(tmp_path, signal.SIGTERM, "in-tell", fresh_mlflow_db)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("point", POINTS)
