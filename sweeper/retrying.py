@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sweeper import stopping
-from sweeper.errors import StorageError
+from sweeper.errors import StorageError, is_disk_full
 
 if TYPE_CHECKING:
     import optuna
@@ -38,7 +38,8 @@ IDEMPOTENT = (
     "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies",
     "set_trial_param", "set_trial_user_attr", "set_trial_system_attr",
     "set_trial_intermediate_value", "set_study_user_attr", "set_study_system_attr",
-    "record_heartbeat", "get_heartbeat_interval", "_get_trials",
+    "record_heartbeat", "get_heartbeat_interval", "_get_trials", "_get_best_trial_id",
+    "_set_trial_param",
 )
 
 
@@ -46,6 +47,8 @@ def is_transient(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) is a lost or refused database connection."""
     import sqlalchemy.exc
 
+    if is_disk_full(exc):  # waiting does not free a disk
+        return False
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:

@@ -64,9 +64,11 @@ def open_storage(url: str, *, read_only: bool = False) -> optuna.storages.RDBSto
     database = sqlite_file(url)
     try:
         if database is None or read_only:
-            return retrying.harden(optuna.storages.RDBStorage(
-                sqlalchemy_url(url), engine_kwargs=engine_kwargs(url),
-                skip_compatibility_check=read_only, skip_table_creation=read_only))
+            return retrying.harden(retrying.retry(
+                lambda: optuna.storages.RDBStorage(
+                    sqlalchemy_url(url), engine_kwargs=engine_kwargs(url),
+                    skip_compatibility_check=read_only, skip_table_creation=read_only),
+                f"open Optuna storage {redact(url)}"))
         # Local workers share the file: one at a time creates the tables; then every
         # transaction queues for the write lock.
         with sqlite.creation_lock(database):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sweeper import heartbeat, retrying, samplers, space, stopping
 from sweeper.config import DatasetConfig, StudySpec, TrialConfig
-from sweeper.errors import ConfigError, StorageError, TrialFailure
+from sweeper.errors import ConfigError, DiskFull, StorageError, TrialFailure, is_disk_full
 from sweeper.heartbeat import ATTR_HEARTBEAT, ATTR_WORKER, HeartbeatSettings
 from sweeper.queries import StudyQueries
 from sweeper.storage import open_storage, rdb_of, redact
@@ -128,12 +128,23 @@ def open_or_create(spec: StudySpec, storage_url: str, *, create: bool = True,
                    seed_offset: int = 0) -> tuple[optuna.Study, bool]:
     """`open_study`, and whether this call created the study (of workers that start
     together, exactly one did: the storage keeps study names unique)."""
-    import optuna
-    import sqlalchemy.exc
 
     storage = open_storage(storage_url)
     sampler = samplers.build_sampler(spec, seed_offset=seed_offset)
     pruner = samplers.build_pruner(spec)
+    # Retried whole through a database blip: a study created by an attempt whose answer
+    # was lost is found (and loaded) by the next.
+    return retrying.retry(lambda: _open_or_create(spec, storage, storage_url, sampler,
+                                                  pruner, create),
+                          f"open study {spec.name!r} in {redact(storage_url)}")
+
+
+def _open_or_create(spec: StudySpec, storage: optuna.storages.BaseStorage, storage_url: str,
+                    sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner,
+                    create: bool) -> tuple[optuna.Study, bool]:
+    import optuna
+    import sqlalchemy.exc
+
     created = False
     try:
         existing = _stored_directions(storage, spec.name)
@@ -158,6 +169,8 @@ def open_or_create(spec: StudySpec, storage_url: str, *, create: bool = True,
             study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
                                       pruner=pruner)
     except sqlalchemy.exc.SQLAlchemyError as exc:
+        if retrying.is_transient(exc):
+            raise  # retried by the caller
         raise StorageError(f"Optuna storage {redact(storage_url)} failed: "
                            f"{str(exc).splitlines()[0]}") from exc
     return study, created
@@ -288,6 +301,10 @@ class Worker:
                 outcomes.append(outcome)
                 self.progress("trial", {"outcome": outcome, "study": study})
                 stopping.checkpoint("between-trials")
+                full = self._disk_full(outcome)
+                if full is not None:
+                    stopped_by, message = "disk-full", full
+                    break
                 failing = failing + 1 if outcome.cause == "environment" else 0
                 if failing >= options.max_worker_failures:
                     stopped_by = "failing"
@@ -306,12 +323,24 @@ class Worker:
                 stopping.checkpoint("in-end-study")
                 self.tracker.end_study(study, interrupted=stopped_by == "interrupted")
             self.progress("end", {"study": study, "stopped_by": stopped_by})
+        if stopped_by == "disk-full":
+            raise DiskFull(f"{message}; free some space and run again (the study resumes)")
         if stopping.requested() is not None:  # arrived while the study ended: still a stop
             stop = stopping.Stopped(stopping.requested() or "interrupted")
             stop.recorded = "every trial was recorded before the stop"  # type: ignore[attr-defined]
             raise stop
         return RunReport(spec.name, options.storage, outcomes, finished_before, target,
                          stopped_by, message)
+
+    def _disk_full(self, outcome: TrialOutcome) -> str | None:
+        """Why this worker must stop for a full disk (the trial's, or tracking's), or None:
+        every trial after it would fail, or lose its record, the same way."""
+        if outcome.cause == "disk-full":
+            return f"the disk is full: trial {outcome.number} failed ({outcome.reason})"
+        full = getattr(self.tracker, "disk_full", None)
+        if full:
+            return f"the disk is full: {full}"
+        return None
 
     def _stop_reason(self, study: optuna.Study, queries: StudyQueries, ran: int,
                      target: int | None, started: float, timeout: float | None
@@ -435,7 +464,7 @@ class Worker:
                 outcome.cause = "params"
             else:
                 outcome.reason = f"{type(exc).__name__}: {_one_line(str(exc))}"
-                outcome.cause = "environment"
+                outcome.cause = "disk-full" if is_disk_full(exc) else "environment"
             log.debug("trial %d failed:\n%s", trial.number, outcome.detail)
         finally:
             # After the except blocks: the exception and its frames (the model, the batch)

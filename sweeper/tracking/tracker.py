@@ -45,7 +45,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sweeper.errors import TrackingError
+from sweeper.errors import TrackingError, is_disk_full
 from sweeper.heartbeat import ATTR_WORKER
 from sweeper.storage import redact
 from sweeper.study import ATTR_RUN_ID
@@ -139,6 +139,7 @@ class MlflowTracker:
         self._ended: dict[int, TrialRun | None] = {}  # trials ended here, and their runs
         self.unsent: list[int] = []  # trials whose MLflow record is incomplete (at the end)
         self.parent_unsent = False  # the parent run could not be ended
+        self.disk_full: str | None = None  # a tracking write that found the disk full
 
     # -- plumbing -----------------------------------------------------------------------
     @property
@@ -204,6 +205,8 @@ class MlflowTracker:
         """Record a tracking failure; switch tracking off after too many in a row."""
         message = f"MLflow ({self.where}): could not {what}: {one_line(exc)}"
         self.failures.append(message)
+        if is_disk_full(exc) and self.disk_full is None:
+            self.disk_full = message  # the study loop stops: every trial would lose this
         self._consecutive_failures += 1
         log.warning("%s", message)
         if self._consecutive_failures >= self.max_failures and not self.disabled:
