@@ -62,8 +62,14 @@ def reap(study_name: str, *, storage: str | None = None, tracking_uri: str | Non
     if not experiment_id:
         report.tracked = False
         return report
+    import os
+
     from sweeper.tracking.reader import TrackingReader
     from sweeper.tracking.repair import fill_in_runs, reap_runs
+
+    # MLflow would print a "View run" line for every run it ends (on stdout, in the way
+    # of `--json`).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     trials = study.get_trials(deepcopy=False)
     client = TrackingReader(tracking_uri).client

@@ -6,6 +6,7 @@ Optuna and MLflow, and nothing is RUNNING."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -246,8 +247,9 @@ def test_mlflow_server_killed_and_restarted_mid_study(tmp_path: Path) -> None:
         assert code == 0, out + err
         assert "Traceback" not in err
         code, reaped, err = finish(sweeper("reap", "away", "--storage", storage,
-                                           "--tracking-uri", url, cwd=tmp_path))
+                                           "--tracking-uri", url, "--json", cwd=tmp_path))
         assert code == 0, reaped + err
+        json.loads(reaped)  # one JSON object, no "View run" lines from MLflow
         trials = assert_agree(storage, url, "away")
         client = MlflowClient(url)
         experiment = client.get_experiment_by_name("away")
@@ -338,3 +340,34 @@ def test_a_full_disk_is_one_line_exit_2_and_nothing_running(tmp_path: Path) -> N
         assert_agree(storage, tracking, "full")
         trials = trials_of(storage, "full")
         assert len(trials) < 20, "the worker stopped at the full disk"
+
+
+# --------------------------------------------------------------------------------------
+# kill -9 right after a trial: its record is repaired
+# --------------------------------------------------------------------------------------
+def test_kill_9_after_a_trial_loses_nothing_after_a_restart_and_a_reap(tmp_path: Path
+                                                                        ) -> None:
+    from sweeper.stopping import TEST_SIGNAL_ENV
+
+    storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+    tracking = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    path = study_file(tmp_path, "nine", trials=3, epochs=2)
+    # SIGKILL the moment trial 0 is told: its uploads and status may still be queued.
+    code, out, err = finish(sweeper("run", str(path), "--device", "cpu", cwd=tmp_path,
+                                    **{TEST_SIGNAL_ENV: "between-trials:SIGKILL"}))
+    assert code == -signal.SIGKILL, out + err
+    (first,) = trials_of(storage, "nine")
+    assert first.state == TrialState.COMPLETE
+    # The next worker ends what the killed one left RUNNING, and goes on.
+    code, out, err = finish(sweeper("run", str(path), "--device", "cpu", cwd=tmp_path))
+    assert code == 0, out + err
+    code, reaped, err = finish(sweeper("reap", "nine", "--json", cwd=tmp_path))
+    assert code == 0, reaped + err
+    json.loads(reaped)
+    trials = assert_agree(storage, tracking, "nine")
+    client = MlflowClient(tracking)
+    runs = {r.data.tags["sweeper.trial_number"]: r for r in client.search_runs(
+        [client.get_experiment_by_name("nine").experiment_id],
+        filter_string="tags.`sweeper.role` = 'trial'")}
+    for trial in trials:
+        assert "val_accuracy" in runs[str(trial.number)].data.metrics, trial.number
