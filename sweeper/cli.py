@@ -86,7 +86,9 @@ def user_errors(debug: bool) -> Iterator[None]:
             raise
         reason = getattr(stop, "reason", None) or (str(stop) if str(stop) else "interrupted")
         # What the worker recorded on the way out (see `Worker.run`).
-        recorded = getattr(stop, "recorded", None) or "the running trial was recorded as FAIL"
+        recorded = getattr(stop, "recorded", None) or (
+            "stopped at once: a running trial may be left RUNNING; `sweeper reap STUDY` "
+            "ends it")
         err.print(f"{reason}: {recorded}", markup=False)
         # 130 for Ctrl-C, 143 for SIGTERM: what a shell reports for either signal.
         raise typer.Exit(143 if "SIGTERM" in reason else 130) from None
@@ -186,7 +188,9 @@ def run(
             for line in outcome.lost:
                 err.print(f"warning: {line}", markup=False, soft_wrap=True)
             if outcome.interrupted:
-                raise Stopped(outcome.interrupted)
+                stop = Stopped(outcome.interrupted)
+                stop.recorded = "the running trials were recorded as FAIL"  # type: ignore[attr-defined]
+                raise stop
         else:
             if not no_tracking:
                 from sweeper.tracking import MlflowTracker

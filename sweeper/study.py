@@ -315,7 +315,7 @@ class Worker:
                     break
         except KeyboardInterrupt as stop:
             stopped_by = "interrupted"
-            if not hasattr(stop, "recorded"):
+            if isinstance(stop, stopping.Stopped) and not hasattr(stop, "recorded"):
                 stop.recorded = "no trial was running"  # type: ignore[attr-defined]
             raise
         finally:
@@ -453,7 +453,7 @@ class Worker:
             with stopping.deferred():
                 self._tell(study, trial, outcome)
             stop.recorded = (  # type: ignore[attr-defined]
-                f"the running trial (#{trial.number}) was recorded as {outcome.state}")
+                f"the running trial was recorded as {outcome.state} (#{trial.number})")
             raise
         except Exception as exc:  # any error fails this trial, never the study
             outcome.detail = traceback.format_exc()

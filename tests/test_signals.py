@@ -92,7 +92,7 @@ def check_stopped(root: Path, sig: signal.Signals, point: str, template: Path) -
         (stopped,) = [t for t in study.trials if t.state == TrialState.FAIL]
         assert stopped.user_attrs["fail_reason"] == reason
         assert runs[str(stopped.number)].info.status == "KILLED"
-        assert f"#{stopped.number}) was recorded as FAIL" in result.stderr
+        assert f"the running trial was recorded as FAIL (#{stopped.number})" in result.stderr
     if point in ("in-tell", "between-trials"):  # the trial that ended keeps its result
         assert study.trials[0].state == TrialState.COMPLETE
         assert runs["0"].info.status == "FINISHED"
