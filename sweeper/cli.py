@@ -199,7 +199,7 @@ def run(
                 tracker = MlflowTracker(tracking_uri, device=device, worker=options.worker)
             with stop_on_signals():
                 report = run_study(spec, options, tracker=tracker, progress=display)
-        study = open_study(spec, options.storage)
+        study = report.study or open_study(spec, options.storage)
         if report.stopped_by == "nothing-to-do":
             out.print(f"study {spec.name!r} already has {report.finished_before}/"
                       f"{report.target} trials: nothing to do (use --trials N to run N more)")

@@ -81,6 +81,7 @@ class RunReport:
     # budget | trials | timeout | grid-exhausted | nothing-to-do | interrupted | failing
     stopped_by: str
     message: str | None = None  # why a worker that was `failing` stopped itself
+    study: Any = None  # the optuna.Study it ran (no second connection to read it again)
 
 
 class TrialRun(Protocol):
@@ -330,7 +331,7 @@ class Worker:
             stop.recorded = "every trial was recorded before the stop"  # type: ignore[attr-defined]
             raise stop
         return RunReport(spec.name, options.storage, outcomes, finished_before, target,
-                         stopped_by, message)
+                         stopped_by, message, study)
 
     def _disk_full(self, outcome: TrialOutcome) -> str | None:
         """Why this worker must stop for a full disk (the trial's, or tracking's), or None:

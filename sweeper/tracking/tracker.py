@@ -598,6 +598,7 @@ class MlflowTracker:
                 self._close_unreported("interrupted" if interrupted else
                                        "sweeper did not report how this trial ended",
                                        "KILLED" if interrupted else "FAILED")
+                self._reprobe_at = 0.0  # at the end, the store is always asked again
                 if self.available() and self.parent_run_id is not None:
                     self._end_parent(study, interrupted)
                 else:
@@ -652,16 +653,19 @@ class MlflowTracker:
             self.wait_queued()  # every run's files, metrics and status are in
         names = [o.metric for o in self.spec.objective_list]
         with self.timed("parent.figures"):
-            # A run that ended no trial (nothing to do) leaves the figures as they were.
-            figures = (plots.study_figures(study, objective_names=names)
-                       if self._ended_here else {})
-            with tempfile.TemporaryDirectory(prefix="sweeper-figures-") as tmp:
-                for name, figure in figures.items():
-                    plots.write_page(Path(tmp, f"{name}.html"), {name: figure},
-                                     title=f"{self.spec.name}: {name}")
-                if figures:
-                    self.call("upload the study figures", self.client.log_artifacts,
-                              self.parent_run_id, tmp, "figures")
+            try:
+                # A run that ended no trial (nothing to do) leaves the figures as they were.
+                figures = (plots.study_figures(study, objective_names=names)
+                           if self._ended_here else {})
+                with tempfile.TemporaryDirectory(prefix="sweeper-figures-") as tmp:
+                    for name, figure in figures.items():
+                        plots.write_page(Path(tmp, f"{name}.html"), {name: figure},
+                                         title=f"{self.spec.name}: {name}")
+                    if figures:
+                        self.call("upload the study figures", self.client.log_artifacts,
+                                  self.parent_run_id, tmp, "figures")
+            except Exception as exc:  # a full disk, say: the parent run still ends
+                self.failed("write the study figures", exc)
         running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                    if t.user_attrs.get(ATTR_WORKER) != self.worker or self.worker is None]
         if running:
