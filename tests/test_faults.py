@@ -175,9 +175,14 @@ def test_postgres_backends_terminated_repeatedly_the_study_completes(tmp_path: P
         open_storage(url)  # the tables, before the faults start
         tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
         path = study_file(tmp_path, "pgfaults", trials=8, epochs=3)
+        process = sweeper("run", str(path), "--storage", url, "--device", "cpu",
+                          "--tracking-uri", tracking, cwd=tmp_path)
+        # During the study: from its first trial on (a storm this dense at start-up can
+        # outlast the retries of opening the storage, on a loaded machine).
+        wait_until(lambda: any(t.state == TrialState.RUNNING for t in trials_of(url, "pgfaults")),
+                   what="the first trial")
         with terminating_backends(database, (0.1, 0.3)) as killed:
-            code, out, err = finish(sweeper("run", str(path), "--storage", url, "--device",
-                                            "cpu", "--tracking-uri", tracking, cwd=tmp_path))
+            code, out, err = finish(process)
         assert sum(killed) > 10, f"only {sum(killed)} backends were terminated"
         assert code == 0, out + err
         assert "Traceback" not in err
