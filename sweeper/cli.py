@@ -328,9 +328,10 @@ def ui(
 @app.command()
 def reap(
     study: StudyName,
-    grace: Annotated[str, typer.Option(
-        "--grace", help="A RUNNING trial whose worker has been silent this long is lost "
-                        "(as the workers judge: 4 heartbeats).")] = "2m",
+    grace: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--grace", show_default=False,
+        help="A RUNNING trial whose worker has been silent this long is lost [default: "
+             "the grace its worker recorded (4 of its heartbeats), else 2m].")] = None,
     everything: Annotated[bool, typer.Option(
         "--all", help="Every RUNNING trial is lost, silent or not: when you know that no "
                       "worker of the study is alive.")] = False,
@@ -350,7 +351,6 @@ def reap(
     with user_errors(debug):
         _quiet_libraries(debug)
         seconds = _duration(grace, "--grace")
-        assert seconds is not None
         report = reap_study(study, storage=storage, tracking_uri=tracking_uri,
                             grace_s=seconds, everything=everything, retry=not no_retry)
         if as_json:

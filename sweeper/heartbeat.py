@@ -112,10 +112,12 @@ LostCallback = Callable[["optuna.Study", "optuna.trial.FrozenTrial", str], None]
 
 def fail_lost_trials(study: optuna.Study, settings: HeartbeatSettings, *,
                      on_lost: LostCallback | None = None, retry: bool = True,
-                     everything: bool = False) -> list[tuple[int, int | None]]:
-    """Fail the study's lost trials (silent for `grace_s`; every RUNNING one with
-    `everything`), re-queue each once, and call `on_lost(study, trial, reason)` for each
-    (the tracker ends its MLflow run). Returns (lost trial number, retry number or None)."""
+                     everything: bool = False, override: bool = False
+                     ) -> list[tuple[int, int | None]]:
+    """Fail the study's lost trials (silent for the grace their own worker recorded, or
+    `settings.grace_s` with `override`; every RUNNING one with `everything`), re-queue
+    each once, and call `on_lost(study, trial, reason)` for each (the tracker ends its
+    MLflow run). Returns (lost trial number, retry number or None)."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
@@ -125,7 +127,8 @@ def fail_lost_trials(study: optuna.Study, settings: HeartbeatSettings, *,
     queries = StudyQueries(storage, study._study_id)
     handled: list[tuple[int, int | None]] = []
     for running in queries.running():
-        grace_s = settings.of(running).grace_s  # the trial's own worker's grace
+        # The trial's own worker's grace, unless the caller decides (`sweeper reap --grace`).
+        grace_s = settings.grace_s if override else settings.of(running).grace_s
         if not everything and running.silent_s <= grace_s:
             continue
         reason = (f"{LOST_REASON}: no heartbeat for {running.silent_s:.0f} s (grace "

@@ -46,7 +46,7 @@ class ReapReport:
 
 
 def reap(study_name: str, *, storage: str | None = None, tracking_uri: str | None = None,
-         grace_s: float = HeartbeatSettings().grace_s, everything: bool = False,
+         grace_s: float | None = None, everything: bool = False,
          retry: bool = True) -> ReapReport:
     """End the study's leftovers of crashed workers in Optuna and MLflow (see the module
     docstring); returns what was ended."""
@@ -54,8 +54,12 @@ def reap(study_name: str, *, storage: str | None = None, tracking_uri: str | Non
 
     rdb = open_storage(resolve_storage_url(storage))
     study = load_study(study_name, rdb)
-    settings = HeartbeatSettings(interval_s=grace_s / 4, grace_s=grace_s)
-    lost = fail_lost_trials(study, settings, retry=retry, everything=everything)
+    # `grace_s` given: every trial is judged by it; else by the grace its own worker
+    # recorded (the default settings for a trial without one).
+    settings = (HeartbeatSettings(interval_s=grace_s / 4, grace_s=grace_s)
+                if grace_s is not None else HeartbeatSettings())
+    lost = fail_lost_trials(study, settings, retry=retry, everything=everything,
+                            override=grace_s is not None)
     running = sorted(t.number for t in StudyQueries(rdb_of(study), study._study_id).running())
     report = ReapReport(study.study_name, lost, running=running)
     experiment_id = study.user_attrs.get(ATTR_EXPERIMENT)
