@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 STORAGE_ENV = "SWEEPER_STORAGE"
+OPEN_RETRY_S = 5.0  # how long opening a storage rides out a blip before it says why
 
 
 def resolve_storage_url(explicit: str | None = None) -> str:
@@ -64,11 +65,16 @@ def open_storage(url: str, *, read_only: bool = False) -> optuna.storages.RDBSto
     database = sqlite_file(url)
     try:
         if database is None or read_only:
-            return retrying.harden(retrying.retry(
-                lambda: optuna.storages.RDBStorage(
-                    sqlalchemy_url(url), engine_kwargs=engine_kwargs(url),
-                    skip_compatibility_check=read_only, skip_table_creation=read_only),
-                f"open Optuna storage {redact(url)}"))
+            try:  # a blip is ridden out; a store that is down is said at once (5 s)
+                return retrying.harden(retrying.retry(
+                    lambda: optuna.storages.RDBStorage(
+                        sqlalchemy_url(url), engine_kwargs=engine_kwargs(url),
+                        skip_compatibility_check=read_only, skip_table_creation=read_only),
+                    f"open Optuna storage {redact(url)}", window_s=OPEN_RETRY_S))
+            except StorageError as exc:
+                if exc.__cause__ is None:
+                    raise
+                raise exc.__cause__ from None
         # Local workers share the file: one at a time creates the tables; then every
         # transaction queues for the write lock.
         with sqlite.creation_lock(database):
