@@ -87,8 +87,12 @@ def user_errors(debug: bool) -> Iterator[None]:
     except KeyboardInterrupt as stop:
         if debug:
             raise
-        reason = getattr(stop, "reason", None) or "interrupted"
-        err.print(f"{reason}: the running trial was recorded as FAIL", markup=False)
+        reason = getattr(stop, "reason", None) or (str(stop) if str(stop) else "interrupted")
+        # What the worker recorded on the way out (see `Worker.run`).
+        recorded = getattr(stop, "recorded", None) or (
+            "stopped at once: a running trial may be left RUNNING; `sweeper reap STUDY` "
+            "ends it")
+        err.print(f"{reason}: {recorded}", markup=False)
         # 130 for Ctrl-C, 143 for SIGTERM: what a shell reports for either signal.
         raise typer.Exit(143 if "SIGTERM" in reason else 130) from None
 
@@ -187,7 +191,9 @@ def run(
             for line in outcome.lost:
                 err.print(f"warning: {line}", markup=False, soft_wrap=True)
             if outcome.interrupted:
-                raise Stopped(outcome.interrupted)
+                stop = Stopped(outcome.interrupted)
+                stop.recorded = "the running trials were recorded as FAIL"  # type: ignore[attr-defined]
+                raise stop
         else:
             if not no_tracking:
                 from sweeper.tracking import MlflowTracker
@@ -196,7 +202,7 @@ def run(
                 tracker = MlflowTracker(tracking_uri, device=device, worker=options.worker)
             with stop_on_signals():
                 report = run_study(spec, options, tracker=tracker, progress=display)
-        study = open_study(spec, options.storage)
+        study = report.study or open_study(spec, options.storage)
         if report.stopped_by == "nothing-to-do":
             out.print(f"study {spec.name!r} already has {report.finished_before}/"
                       f"{report.target} trials: nothing to do (use --trials N to run N more)")
@@ -230,6 +236,14 @@ def _print_tracking(study: optuna.Study, spec: StudySpec, tracking_uri: str | No
               markup=False, soft_wrap=True)
     hint = _browse_hint(uri, study.user_attrs.get(ATTR_EXPERIMENT), spec)
     out.print(f"  browse: {hint}", markup=False, soft_wrap=True)
+    if tracker is not None and (tracker.unsent or tracker.parent_unsent):
+        missing = [f"trial(s) {', '.join(f'#{n}' for n in tracker.unsent)}"] \
+            if tracker.unsent else []
+        if tracker.parent_unsent:
+            missing.append("the parent run's end")
+        err.print(f"warning: MLflow is missing the record of {' and '.join(missing)}: run "
+                  f"`sweeper reap {spec.name}` once it answers", markup=False,
+                  soft_wrap=True)
 
 
 def _duration(value: str | None, option: str) -> float | None:
@@ -324,9 +338,10 @@ def ui(
 @app.command()
 def reap(
     study: StudyName,
-    grace: Annotated[str, typer.Option(
-        "--grace", help="A RUNNING trial whose worker has been silent this long is lost "
-                        "(as the workers judge: 4 heartbeats).")] = "2m",
+    grace: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--grace", show_default=False,
+        help="A RUNNING trial whose worker has been silent this long is lost [default: "
+             "the grace its worker recorded (4 of its heartbeats), else 2m].")] = None,
     everything: Annotated[bool, typer.Option(
         "--all", help="Every RUNNING trial is lost, silent or not: when you know that no "
                       "worker of the study is alive.")] = False,
@@ -346,7 +361,6 @@ def reap(
     with user_errors(debug):
         _quiet_libraries(debug)
         seconds = _duration(grace, "--grace")
-        assert seconds is not None
         report = reap_study(study, storage=storage, tracking_uri=tracking_uri,
                             grace_s=seconds, everything=everything, retry=not no_retry)
         if as_json:

@@ -35,6 +35,27 @@ class StorageError(SweeperError):
     """An Optuna storage that cannot be reached or holds something unexpected."""
 
 
+class DiskFull(SweeperError):
+    """A disk this worker writes to is full: its trials would all fail the same way."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, or what caused it, is a full disk (ENOSPC, SQLite's SQLITE_FULL)."""
+    import errno
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(current).lower()
+        if "no space left on device" in text or "database or disk is full" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 class TrackingError(SweeperError):
     """An MLflow tracking store or server that cannot be reached or refuses a request."""
 

@@ -9,6 +9,10 @@ params (Optuna's WAITING state; the next worker to ask gets it). The retry stand
 the lost trial in the study's budget. Optuna's RDB storage is the only coordinator: the
 FAIL is a conditional state change, so of several workers that notice the same lost trial
 exactly one re-queues it.
+
+Each trial is judged by its own worker's settings: the worker records its interval and
+grace on the trial (`ATTR_HEARTBEAT`) and every reader uses those, so a worker started
+with `--heartbeat 5s` never takes back a live trial of one started with `--heartbeat 60s`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ log = logging.getLogger(__name__)
 # Optuna user attributes (the read side shows them).
 ATTR_WORKER = "worker"  # "host:pid" of the process that ran the trial
 ATTR_RETRY_OF = "retry_of"  # on a retry: the number of the lost trial it replaces
+# Optuna system attribute: {"interval_s": ..., "grace_s": ...} of the trial's own worker.
+ATTR_HEARTBEAT = "sweeper:heartbeat"
 LOST_REASON = "worker lost"
 # How many times a lost trial is re-queued: a config that kills its worker every time (a
 # host out of memory) is tried twice, not forever.
@@ -53,9 +59,24 @@ class HeartbeatSettings:
         network is not taken for dead."""
         return cls(interval_s, 4 * interval_s)
 
+    def as_attr(self) -> dict[str, float]:
+        return {"interval_s": self.interval_s, "grace_s": self.grace_s}
+
+    def of(self, trial: RunningTrial) -> HeartbeatSettings:
+        """The settings the trial's own worker recorded (see `ATTR_HEARTBEAT`), else these."""
+        recorded = trial.heartbeat
+        if not recorded:
+            return self
+        try:
+            return HeartbeatSettings(float(recorded["interval_s"]),
+                                     float(recorded["grace_s"]))
+        except (KeyError, TypeError, ValueError):
+            return self
+
     def suspect(self, trial: RunningTrial) -> bool:
-        """Silent for longer than two beats: lost, unless it beats again before `grace_s`."""
-        return trial.silent_s > 2 * self.interval_s
+        """Silent for longer than two of its beats: lost, unless it beats again before its
+        grace period ends."""
+        return trial.silent_s > 2 * self.of(trial).interval_s
 
 
 @contextmanager
@@ -91,10 +112,12 @@ LostCallback = Callable[["optuna.Study", "optuna.trial.FrozenTrial", str], None]
 
 def fail_lost_trials(study: optuna.Study, settings: HeartbeatSettings, *,
                      on_lost: LostCallback | None = None, retry: bool = True,
-                     everything: bool = False) -> list[tuple[int, int | None]]:
-    """Fail the study's lost trials (silent for `grace_s`; every RUNNING one with
-    `everything`), re-queue each once, and call `on_lost(study, trial, reason)` for each
-    (the tracker ends its MLflow run). Returns (lost trial number, retry number or None)."""
+                     everything: bool = False, override: bool = False
+                     ) -> list[tuple[int, int | None]]:
+    """Fail the study's lost trials (silent for the grace their own worker recorded, or
+    `settings.grace_s` with `override`; every RUNNING one with `everything`), re-queue
+    each once, and call `on_lost(study, trial, reason)` for each (the tracker ends its
+    MLflow run). Returns (lost trial number, retry number or None)."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
@@ -104,10 +127,12 @@ def fail_lost_trials(study: optuna.Study, settings: HeartbeatSettings, *,
     queries = StudyQueries(storage, study._study_id)
     handled: list[tuple[int, int | None]] = []
     for running in queries.running():
-        if not everything and running.silent_s <= settings.grace_s:
+        # The trial's own worker's grace, unless the caller decides (`sweeper reap --grace`).
+        grace_s = settings.grace_s if override else settings.of(running).grace_s
+        if not everything and running.silent_s <= grace_s:
             continue
         reason = (f"{LOST_REASON}: no heartbeat for {running.silent_s:.0f} s (grace "
-                  f"{settings.grace_s:g} s)" if not everything else
+                  f"{grace_s:g} s)" if not everything else
                   f"{LOST_REASON}: ended by sweeper reap --all")
         try:
             # The reason first (a finished trial's attrs cannot change), then the state:
@@ -141,7 +166,7 @@ def _requeue(study: optuna.Study, lost: optuna.trial.FrozenTrial) -> int | None:
         return None
     system_attrs: dict[str, Any] = {
         key: value for key, value in lost.system_attrs.items()
-        if key in ("grid_id", "search_space", "fixed_params")}
+        if key in ("grid_id", "search_space", "fixed_params")}  # not ATTR_HEARTBEAT
     system_attrs[RETRY_OF] = lost.system_attrs.get(RETRY_OF, lost.number)
     system_attrs["retry_history"] = [*history, lost.number]
     copy = optuna.trial.create_trial(

@@ -148,7 +148,7 @@ def worker_main(args: WorkerArgs, events: multiprocessing.Queue[Any]) -> None:
                 tracker = MlflowTracker(args.tracking_uri, device=device, worker=worker)
             report = run_study(args.spec, options, tracker=tracker, progress=progress,
                                objective=args.objective)
-            events.put(("done", slot.index, report))
+            events.put(("done", slot.index, dataclasses.replace(report, study=None)))
             if report.stopped_by == "failing":
                 code = EXIT_FAILING
     except SweeperError as exc:

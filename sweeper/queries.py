@@ -12,15 +12,30 @@ shows. They use Optuna's table models (`optuna.storages._rdb.models`, stable sin
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import optuna
     from sqlalchemy.orm import Session
+
+T = TypeVar("T")
+
+
+def _retried(method: Callable[..., T]) -> Callable[..., T]:
+    """A query the study loop asks between trials, retried through a database blip."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        from sweeper.retrying import retry
+
+        return retry(lambda: method(*args, **kwargs), f"read the study ({method.__name__})")
+
+    return wrapper
 
 
 # The system attr Optuna's retry callback (and sweeper's) puts on the copy of a lost trial.
@@ -35,6 +50,8 @@ class RunningTrial:
     number: int
     silent_s: float  # since its last heartbeat, or since it started if it never beat
     beats: bool  # whether it ever recorded a heartbeat
+    # The interval and grace its worker recorded (`heartbeat.ATTR_HEARTBEAT`), or None.
+    heartbeat: dict[str, Any] | None = None
 
 
 class StudyQueries:
@@ -52,6 +69,7 @@ class StudyQueries:
         finally:
             session.close()
 
+    @_retried
     def counts(self) -> dict[str, int]:
         """Trials by state name."""
         from optuna.storages._rdb import models
@@ -76,6 +94,7 @@ class StudyQueries:
         stamps = [s for s in (started, completed) if s is not None]
         return max(stamps) if stamps else None
 
+    @_retried
     def budget_count(self, counts: dict[str, int] | None = None) -> int:
         """Trials that count against `budget.trials`: complete, pruned or failed, less the
         lost trials that were re-queued (their retry stands in for them). `counts`: the
@@ -93,6 +112,7 @@ class StudyQueries:
                        .scalar())
         return finished - int(retries or 0)
 
+    @_retried
     def running(self) -> list[RunningTrial]:
         """The RUNNING trials and how long ago each last gave a sign of life, measured by
         the database's clock (as heartbeats are recorded), or by this machine's for a trial
@@ -102,23 +122,26 @@ class StudyQueries:
         from optuna.trial import TrialState
 
         trial, beat = models.TrialModel, models.TrialHeartbeatModel
+        attr = models.TrialSystemAttributeModel
         with self._session() as session:
             db_now = session.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar()
             rows = (session.query(trial.trial_id, trial.number, beat.heartbeat,
-                                  trial._datetime_start_utc)
+                                  trial._datetime_start_utc, attr.value_json)
                     .outerjoin(beat, beat.trial_id == trial.trial_id)
+                    .outerjoin(attr, sqlalchemy.and_(attr.trial_id == trial.trial_id,
+                                                     attr.key == "sweeper:heartbeat"))
                     .filter(trial.study_id == self.study_id,
                             trial.state == TrialState.RUNNING).all())
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         db_now = _naive(db_now) if db_now is not None else now
         out = []
-        for trial_id, number, last_beat, started in rows:
+        for trial_id, number, last_beat, started, settings in rows:
             if last_beat is not None:
                 silent = (db_now - _naive(last_beat)).total_seconds()
             else:
                 silent = (now - _naive(started)).total_seconds() if started else 0.0
             out.append(RunningTrial(int(trial_id), int(number), max(silent, 0.0),
-                                    last_beat is not None))
+                                    last_beat is not None, _json_or_none(settings)))
         return out
 
     def trial_ids(self, *, states: Sequence[str] | None = None, by_value: bool = False,
@@ -184,3 +207,15 @@ def _naive(stamp: datetime | str) -> datetime:
     if isinstance(stamp, str):
         stamp = datetime.fromisoformat(stamp)
     return stamp.replace(tzinfo=None)
+
+
+def _json_or_none(text: str | None) -> dict[str, Any] | None:
+    import json
+
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

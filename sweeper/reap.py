@@ -5,7 +5,9 @@ running worker is left to see: the last worker died, or a study ran before a cra
 nobody resumed it. In Optuna, every RUNNING trial silent for the grace period (every
 RUNNING one with `everything`) ends FAIL "worker lost" and is re-queued once. In MLflow,
 every RUNNING trial run whose trial no longer runs ends with the status its state maps to,
-and the parent run ends once no trial of the study runs.
+the parent run ends once no trial of the study runs, and a finished trial that has no run
+(MLflow was away) or whose run lacks its summary metrics (a worker killed while they were
+queued) gets them from Optuna's record.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class ReapReport:
 
 
 def reap(study_name: str, *, storage: str | None = None, tracking_uri: str | None = None,
-         grace_s: float = HeartbeatSettings().grace_s, everything: bool = False,
+         grace_s: float | None = None, everything: bool = False,
          retry: bool = True) -> ReapReport:
     """End the study's leftovers of crashed workers in Optuna and MLflow (see the module
     docstring); returns what was ended."""
@@ -52,22 +54,36 @@ def reap(study_name: str, *, storage: str | None = None, tracking_uri: str | Non
 
     rdb = open_storage(resolve_storage_url(storage))
     study = load_study(study_name, rdb)
-    settings = HeartbeatSettings(interval_s=grace_s / 4, grace_s=grace_s)
-    lost = fail_lost_trials(study, settings, retry=retry, everything=everything)
+    # `grace_s` given: every trial is judged by it; else by the grace its own worker
+    # recorded (the default settings for a trial without one).
+    settings = (HeartbeatSettings(interval_s=grace_s / 4, grace_s=grace_s)
+                if grace_s is not None else HeartbeatSettings())
+    lost = fail_lost_trials(study, settings, retry=retry, everything=everything,
+                            override=grace_s is not None)
     running = sorted(t.number for t in StudyQueries(rdb_of(study), study._study_id).running())
     report = ReapReport(study.study_name, lost, running=running)
     experiment_id = study.user_attrs.get(ATTR_EXPERIMENT)
     if not experiment_id:
         report.tracked = False
         return report
+    import os
+
     from sweeper.tracking.reader import TrackingReader
-    from sweeper.tracking.repair import reap_runs
+    from sweeper.tracking.repair import fill_in_runs, reap_runs
+
+    # MLflow would print a "View run" line for every run it ends (on stdout, in the way
+    # of `--json`).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     trials = study.get_trials(deepcopy=False)
+    client = TrackingReader(tracking_uri).client
     report.runs = reap_runs(
-        TrackingReader(tracking_uri).client, experiment_id,
+        client, experiment_id,
         trial_states={t.number: t.state.name for t in trials},
         reasons={t.number: str(t.user_attrs[ATTR_REASON]) for t in trials
                  if t.user_attrs.get(ATTR_REASON)},
         parent_run_id=study.user_attrs.get(ATTR_PARENT_RUN), study_running=bool(running))
+    # What MLflow missed while it was away, or while a killed worker's uploads waited.
+    report.runs += fill_in_runs(client, experiment_id, study.study_name,
+                                study.user_attrs.get(ATTR_PARENT_RUN), trials)
     return report

@@ -271,6 +271,28 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# Linux: a small guard runs the server and takes its whole process group down (the
+# server and the uvicorn workers it spawns) when `sweeper ui` dies, even by kill -9: the
+# kernel sends the guard SIGTERM as its parent goes (PR_SET_PDEATHSIG).
+_GUARD = """
+import ctypes, os, signal, subprocess, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(0)
+def stop(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.killpg(0, signal.SIGTERM)
+signal.signal(signal.SIGTERM, stop)
+sys.exit(subprocess.Popen(sys.argv[2:]).wait())
+"""
+
+
+def _guarded(command: Sequence[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return list(command)
+    return [sys.executable, "-c", _GUARD, str(os.getpid()), *command]
+
+
 def run_server(command: Sequence[str], health_url: str, *,
                on_ready: Callable[[], None] | None = None,
                env: dict[str, str] | None = None,
@@ -282,7 +304,7 @@ def run_server(command: Sequence[str], health_url: str, *,
     so nothing is left behind). A server that dies by itself raises `TrackingError` (its own
     messages are on stderr above).
     """
-    process = subprocess.Popen(list(command), env=server_env() if env is None else env,
+    process = subprocess.Popen(_guarded(command), env=server_env() if env is None else env,
                                start_new_session=True)
     try:
         with _sigterm_raises():

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sweeper import sqlite
+from sweeper import retrying, sqlite
 from sweeper.errors import StorageError
 from sweeper.redaction import redact_text, redact_url
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 STORAGE_ENV = "SWEEPER_STORAGE"
+OPEN_RETRY_S = 5.0  # how long opening a storage rides out a blip before it says why
 
 
 def resolve_storage_url(explicit: str | None = None) -> str:
@@ -55,6 +56,7 @@ def engine_kwargs(url: str) -> dict[str, Any]:
 
 def open_storage(url: str, *, read_only: bool = False) -> optuna.storages.RDBStorage:
     """Connect (creating the schema if needed); an unreachable store is one clear line.
+    Calls that can run twice are retried through a database blip (`retrying.harden`).
 
     `read_only` skips creating tables and checking the schema version (a third of a
     second, most of what a `sweeper best` would otherwise spend in the database)."""
@@ -64,15 +66,22 @@ def open_storage(url: str, *, read_only: bool = False) -> optuna.storages.RDBSto
     database = sqlite_file(url)
     try:
         if database is None or read_only:
-            return optuna.storages.RDBStorage(
-                sqlalchemy_url(url), engine_kwargs=engine_kwargs(url),
-                skip_compatibility_check=read_only, skip_table_creation=read_only)
+            try:  # a blip is ridden out; a store that is down is said at once (5 s)
+                return retrying.harden(retrying.retry(
+                    lambda: optuna.storages.RDBStorage(
+                        sqlalchemy_url(url), engine_kwargs=engine_kwargs(url),
+                        skip_compatibility_check=read_only, skip_table_creation=read_only),
+                    f"open Optuna storage {redact(url)}", window_s=OPEN_RETRY_S))
+            except StorageError as exc:
+                if exc.__cause__ is None:
+                    raise
+                raise exc.__cause__ from None
         # Local workers share the file: one at a time creates the tables; then every
         # transaction queues for the write lock.
         with sqlite.creation_lock(database):
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
         sqlite.serialize_transactions(storage.engine)
-        return storage
+        return retrying.harden(storage)
     except ImportError as exc:
         raise StorageError(f"cannot open Optuna storage {redact(url)}: its database driver "
                            f"is not installed; pip install 'sweeper[postgres]'") from exc

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sweeper import heartbeat, samplers, space, stopping
+from sweeper import heartbeat, retrying, samplers, space, stopping
 from sweeper.config import DatasetConfig, StudySpec, TrialConfig
-from sweeper.errors import ConfigError, StorageError, TrialFailure
-from sweeper.heartbeat import ATTR_WORKER, HeartbeatSettings
+from sweeper.errors import ConfigError, DiskFull, StorageError, TrialFailure, is_disk_full
+from sweeper.heartbeat import ATTR_HEARTBEAT, ATTR_WORKER, HeartbeatSettings
 from sweeper.queries import StudyQueries
 from sweeper.redaction import redact_text
 from sweeper.storage import open_storage, rdb_of, redact
@@ -82,6 +82,7 @@ class RunReport:
     # budget | trials | timeout | grid-exhausted | nothing-to-do | interrupted | failing
     stopped_by: str
     message: str | None = None  # why a worker that was `failing` stopped itself
+    study: Any = None  # the optuna.Study it ran (no second connection to read it again)
 
 
 class TrialRun(Protocol):
@@ -129,12 +130,23 @@ def open_or_create(spec: StudySpec, storage_url: str, *, create: bool = True,
                    seed_offset: int = 0) -> tuple[optuna.Study, bool]:
     """`open_study`, and whether this call created the study (of workers that start
     together, exactly one did: the storage keeps study names unique)."""
-    import optuna
-    import sqlalchemy.exc
 
     storage = open_storage(storage_url)
     sampler = samplers.build_sampler(spec, seed_offset=seed_offset)
     pruner = samplers.build_pruner(spec)
+    # Retried whole through a database blip: a study created by an attempt whose answer
+    # was lost is found (and loaded) by the next.
+    return retrying.retry(lambda: _open_or_create(spec, storage, storage_url, sampler,
+                                                  pruner, create),
+                          f"open study {spec.name!r} in {redact(storage_url)}")
+
+
+def _open_or_create(spec: StudySpec, storage: optuna.storages.BaseStorage, storage_url: str,
+                    sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner,
+                    create: bool) -> tuple[optuna.Study, bool]:
+    import optuna
+    import sqlalchemy.exc
+
     created = False
     try:
         existing = _stored_directions(storage, spec.name)
@@ -159,6 +171,8 @@ def open_or_create(spec: StudySpec, storage_url: str, *, create: bool = True,
             study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
                                       pruner=pruner)
     except sqlalchemy.exc.SQLAlchemyError as exc:
+        if retrying.is_transient(exc):
+            raise  # retried by the caller
         raise StorageError(f"Optuna storage {redact(storage_url)} failed: "
                            f"{str(exc).splitlines()[0]}") from exc
     return study, created
@@ -247,9 +261,10 @@ class Worker:
         spec, options = self.spec, self.options
         # An unreachable tracking store, then a missing dataset: both are the user's to fix,
         # before any study is written.
-        if self.tracker is not None:
-            self.tracker.check()
-        self.dataset(spec.dataset)
+        with stopping.interruptible():  # nothing is written yet: a signal stops at once
+            if self.tracker is not None:
+                self.tracker.check()
+            self.dataset(spec.dataset)
         study, created = open_or_create(spec, options.storage)
         if not (created or options.keep_seed):
             # Another worker, or an earlier run, already draws from the file's seed: the
@@ -287,6 +302,11 @@ class Worker:
                 self._linger_until = None
                 outcomes.append(outcome)
                 self.progress("trial", {"outcome": outcome, "study": study})
+                stopping.checkpoint("between-trials")
+                full = self._disk_full(outcome)
+                if full is not None:
+                    stopped_by, message = "disk-full", full
+                    break
                 failing = failing + 1 if outcome.cause == "environment" else 0
                 if failing >= options.max_worker_failures:
                     stopped_by = "failing"
@@ -295,15 +315,34 @@ class Worker:
                                f"{outcome.reason}); fix this machine and run again")
                     log.error("%s", message)
                     break
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             stopped_by = "interrupted"
+            if isinstance(stop, stopping.Stopped) and not hasattr(stop, "recorded"):
+                stop.recorded = "no trial was running"  # type: ignore[attr-defined]
             raise
         finally:
             if self.tracker is not None:
+                stopping.checkpoint("in-end-study")
                 self.tracker.end_study(study, interrupted=stopped_by == "interrupted")
             self.progress("end", {"study": study, "stopped_by": stopped_by})
+        if stopped_by == "disk-full":
+            raise DiskFull(f"{message}; free some space and run again (the study resumes)")
+        if stopping.requested() is not None:  # arrived while the study ended: still a stop
+            stop = stopping.Stopped(stopping.requested() or "interrupted")
+            stop.recorded = "every trial was recorded before the stop"  # type: ignore[attr-defined]
+            raise stop
         return RunReport(spec.name, options.storage, outcomes, finished_before, target,
-                         stopped_by, message)
+                         stopped_by, message, study)
+
+    def _disk_full(self, outcome: TrialOutcome) -> str | None:
+        """Why this worker must stop for a full disk (the trial's, or tracking's), or None:
+        every trial after it would fail, or lose its record, the same way."""
+        if outcome.cause == "disk-full":
+            return f"the disk is full: trial {outcome.number} failed ({outcome.reason})"
+        full = getattr(self.tracker, "disk_full", None)
+        if full:
+            return f"the disk is full: {full}"
+        return None
 
     def _stop_reason(self, study: optuna.Study, queries: StudyQueries, ran: int,
                      target: int | None, started: float, timeout: float | None
@@ -351,7 +390,8 @@ class Worker:
                         "silent: waiting up to %g s to take them back", numbers,
                         settings.grace_s)
         # A cheap query: look often, so that the worker leaves soon after the last trial.
-        time.sleep(min(settings.interval_s, LINGER_POLL_S))
+        with stopping.interruptible():
+            time.sleep(min(settings.interval_s, LINGER_POLL_S))
         return True
 
     def fail_lost_trials(self, study: optuna.Study) -> None:
@@ -364,10 +404,27 @@ class Worker:
 
     def run_trial(self, study: optuna.Study) -> TrialOutcome:
         """Ask, train, tell, with the trial's heartbeat going all the while. Returns how the
-        trial ended; raises only KeyboardInterrupt (after telling Optuna)."""
-        trial = study.ask()
-        with heartbeat.beating(rdb_of(study), trial._trial_id, self.options.heartbeat):
+        trial ended; raises only KeyboardInterrupt (after telling Optuna) and StorageError
+        (an outage that outlasted the retries).
+
+        Everything but the training runs with signals deferred (see `stopping`): a stop
+        that arrives while the trial is asked for, its run created or its result told
+        takes effect when training starts (the trial then ends FAIL, interrupted) or
+        before the next trial."""
+        trial = self._ask(study)
+        stopping.checkpoint("after-ask")
+        settings = self.options.heartbeat
+        with contextlib.suppress(StorageError):  # readers fall back to their own settings
+            rdb_of(study).set_trial_system_attr(trial._trial_id, ATTR_HEARTBEAT,
+                                                settings.as_attr())
+        with heartbeat.beating(rdb_of(study), trial._trial_id, settings):
             return self._attempt(study, trial)
+
+    def _ask(self, study: optuna.Study) -> optuna.Trial:
+        """`study.ask()`, retried through a database blip. An attempt whose commit landed
+        although its answer was lost leaves a trial that never beats: the heartbeat rules
+        take it back like any lost one."""
+        return retrying.retry(study.ask, "ask the Optuna storage for a new trial")
 
     def _attempt(self, study: optuna.Study, trial: optuna.Trial) -> TrialOutcome:
         import optuna
@@ -380,7 +437,7 @@ class Worker:
             outcome.params = dict(trial.params)
             samplers.check_grid_point(study, trial)
             trial.set_user_attr(ATTR_CONFIG, config.flat())
-            with self._trial_run(trial, config) as run:
+            with self._trial_run(trial, config) as run, stopping.interruptible():
                 values, metrics = self.objective(self, trial, config, run)
                 outcome.values, outcome.metrics = values, metrics
                 outcome.state = "COMPLETE"
@@ -395,7 +452,10 @@ class Worker:
             outcome.interrupted = True
             outcome.cause = "interrupted"
             outcome.seconds = time.monotonic() - started
-            self._tell(study, trial, outcome)
+            with stopping.deferred():
+                self._tell(study, trial, outcome)
+            stop.recorded = (  # type: ignore[attr-defined]
+                f"the running trial was recorded as {outcome.state} (#{trial.number})")
             raise
         except Exception as exc:  # any error fails this trial, never the study
             outcome.detail = traceback.format_exc()
@@ -406,7 +466,7 @@ class Worker:
                 outcome.cause = "params"
             else:
                 outcome.reason = f"{type(exc).__name__}: {_one_line(str(exc))}"
-                outcome.cause = "environment"
+                outcome.cause = "disk-full" if is_disk_full(exc) else "environment"
             log.debug("trial %d failed:\n%s", trial.number, outcome.detail)
         finally:
             # After the except blocks: the exception and its frames (the model, the batch)
@@ -442,6 +502,10 @@ class Worker:
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
             stopping.raise_if_stopped()
+            with stopping.deferred():  # the epoch's records reach the stores whole
+                return record_epoch(epoch, metrics)
+
+        def record_epoch(epoch: int, metrics: dict[str, float]) -> bool:
             if run is not None:
                 run.log_epoch(epoch, metrics)
             self.progress("epoch", {"trial": trial.number, "epoch": epoch,
@@ -473,14 +537,19 @@ class Worker:
         if not all(math.isfinite(v) for v in values):
             raise TrialFailure(f"objective is not finite: {values}")
         summary = {k: v for k, v in metrics.items() if _is_summary_metric(k)}
-        trial.set_user_attr(ATTR_METRICS, summary)
-        if run is not None:
-            run.log_result(model=model, data=data, history=result.history,
-                           evaluations={"val": val, "test": test}, metrics=metrics,
-                           values=values)
+        with stopping.deferred():
+            trial.set_user_attr(ATTR_METRICS, summary)
+            if run is not None:
+                run.log_result(model=model, data=data, history=result.history,
+                               evaluations={"val": val, "test": test}, metrics=metrics,
+                               values=values)
         return values, summary
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome) -> None:
+        """Record the outcome in Optuna, then in tracking. Retried through a database blip
+        and idempotent: an attempt that landed although its answer was lost is not told
+        twice. A trial that another worker took back meanwhile (its heartbeat looked
+        lost) keeps the state it was given there; this worker says so and goes on."""
         from optuna.trial import TrialState
 
         state = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED,
@@ -489,17 +558,39 @@ class Worker:
         # stored (Optuna attr here, MLflow tag and error.txt in `trial_ended`).
         outcome.reason = redact_text(outcome.reason) if outcome.reason else outcome.reason
         outcome.detail = redact_text(outcome.detail) if outcome.detail else outcome.detail
+        storage = rdb_of(study)
         if outcome.reason:
-            with contextlib.suppress(Exception):
-                trial.set_user_attr(ATTR_REASON, outcome.reason)
+            with contextlib.suppress(Exception):  # a finished trial's attrs cannot change
+                storage.set_trial_user_attr(trial._trial_id, ATTR_REASON, outcome.reason)
+        stopping.checkpoint("in-tell")
+
+        def tell() -> optuna.trial.FrozenTrial:
+            if storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                with contextlib.suppress(UpdateFinishedTrialError, ValueError):
+                    # Finished meanwhile: taken back, or an earlier attempt landed.
+                    if state == TrialState.COMPLETE:
+                        study.tell(trial, outcome.values, skip_if_finished=True)
+                    else:
+                        study.tell(trial, state=state, skip_if_finished=True)
+            return storage.get_trial(trial._trial_id)
+
+        from optuna.exceptions import UpdateFinishedTrialError
+
         try:
-            if state == TrialState.COMPLETE:
-                study.tell(trial, outcome.values)
-            else:
-                study.tell(trial, state=state)
+            stored = retrying.retry(tell, f"record trial {trial.number}")
+        except StorageError:
+            raise
         except Exception as exc:
             raise StorageError(f"could not record trial {trial.number} in Optuna storage: "
                                f"{_one_line(str(exc))}") from exc
+        if stored.state != state and stored.state.is_finished():
+            taken = str(stored.user_attrs.get(ATTR_REASON) or "taken back")
+            log.warning("trial %d was taken back by another worker while it ran here (%s); "
+                        "it stays %s there and this worker goes on", trial.number, taken,
+                        stored.state.name)
+            outcome.state = stored.state.name
+            outcome.reason = f"taken back: {taken}"
+            outcome.cause = "taken-back"
         if self.tracker is not None:
             self.tracker.trial_ended(study, outcome)
 

@@ -200,3 +200,49 @@ def test_cuda_out_of_memory_is_freed_and_the_worker_goes_on(storage: str) -> Non
     small = config.loads(STUDY.replace("name: beats", "name: small"))
     report = run_study(small, RunOptions(storage=storage, device="cuda"))
     assert {o.state for o in report.outcomes} == {"COMPLETE"}
+
+
+# --------------------------------------------------------------------------------------
+# Each trial is judged by its own worker's settings
+# --------------------------------------------------------------------------------------
+def test_a_trial_is_judged_by_the_grace_its_own_worker_recorded(storage: str) -> None:
+    from sweeper.heartbeat import ATTR_HEARTBEAT
+
+    study = open_study(config.loads(STUDY), storage)
+    slow = abandoned_trial(study)  # a worker beating every 60 s: silent for a while is fine
+    rdb_of(study).set_trial_system_attr(slow._trial_id, ATTR_HEARTBEAT,
+                                        HeartbeatSettings.from_interval(60).as_attr())
+    time.sleep(2.2)
+    assert fail_lost_trials(study, FAST) == []  # a reader with a 1 s grace leaves it
+    (running,) = StudyQueries(rdb_of(study), study._study_id).running()
+    assert not FAST.suspect(running) and FAST.of(running).grace_s == 240
+    fast = abandoned_trial(study)  # a worker that recorded a short grace, then vanished
+    rdb_of(study).set_trial_system_attr(fast._trial_id, ATTR_HEARTBEAT, FAST.as_attr())
+    time.sleep(2.2)
+    reader = HeartbeatSettings.from_interval(60)  # a patient reader still takes it back
+    assert [n for n, _ in fail_lost_trials(study, reader)] == [fast.number]
+    lost = study.trials[fast.number]
+    assert lost.user_attrs["fail_reason"].endswith("(grace 1 s)")
+
+
+def test_a_worker_whose_trial_was_taken_back_says_so_and_goes_on(
+        storage: str, caplog: pytest.LogCaptureFixture) -> None:
+    spec = config.loads(STUDY.replace("trials: 3", "trials: 2"))
+
+    def taken_back_while_training(worker: Worker, trial: optuna.Trial, cfg: Any,
+                                  run: Any) -> Any:
+        if trial.number == 0:  # another worker (or `sweeper reap --all`) takes it back
+            fail_lost_trials(trial.study, FAST, everything=True)
+        return [0.5], {}
+
+    with caplog.at_level("WARNING", logger="sweeper.study"):
+        report = run_study(spec, RunOptions(storage=storage, device="cpu"),
+                           objective=taken_back_while_training)
+    # The lost trial counts once, as its retry: two more trials reach the budget of two.
+    assert [(o.number, o.state) for o in report.outcomes] == [
+        (0, "FAIL"), (1, "COMPLETE"), (2, "COMPLETE")]
+    assert report.outcomes[0].reason.startswith("taken back: worker lost")
+    assert any("trial 0 was taken back" in r.getMessage() for r in caplog.records)
+    study = optuna.load_study(study_name="beats", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert study.trials[1].user_attrs[ATTR_RETRY_OF] == 0  # the retry ran next

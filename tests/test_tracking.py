@@ -552,3 +552,17 @@ def test_server_lost_mid_study_loses_no_optuna_result(
     assert tracker.failures, "the lost server was reported"
     assert any("could not" in r.getMessage() for r in caplog.records)
     assert all("\n" not in f for f in tracker.failures)
+
+
+def test_a_store_that_was_away_is_asked_again_and_tracking_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sweeper.tracking import tracker as tracker_module
+
+    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker.check()
+    for _ in range(tracker.max_failures):  # as if the store had stopped answering
+        tracker.failed("log", ConnectionError("connection refused"))
+    assert tracker.disabled and not tracker.available()  # not asked again before REPROBE_S
+    monkeypatch.setattr(tracker_module, "REPROBE_S", 0.0)
+    tracker._reprobe_at = 0.0
+    assert tracker.available() and not tracker.disabled  # it answers: tracking resumes

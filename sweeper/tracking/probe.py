@@ -41,6 +41,11 @@ def check_store(uri: str, make_client: Callable[[], MlflowClient], *, escape: st
     answers. The client is made inside the time limit (MLflow's SQL stores connect, and
     retry for minutes, as the client is made). `escape` ends messages that say how to go
     on without tracking, e.g. "or run with --no-tracking"."""
+    # The time limit is the store's, not the import's (seconds on a busy machine).
+    import mlflow.tracking
+
+    if not is_http(uri):
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     outcome: dict[str, BaseException] = {}
     where = redact(uri)
     suffix = f", {escape}" if escape else ""

@@ -1,25 +1,37 @@
 """Runs that a crashed worker left RUNNING, ended with the status their trial has in Optuna:
-for a lost trial found by another worker (`end_lost_run`), and for `sweeper reap`
-(`reap_runs`), which also ends a parent run that no worker is left to end.
+for a lost trial found by another worker (`end_lost_run`), for a worker that starts
+(`reap_runs` without the parent), and for `sweeper reap` (`reap_runs`), which also ends a
+parent run that no worker is left to end. `fill_in_runs` writes what MLflow missed while
+it was away (or while a killed worker's uploads were queued) from Optuna's record: a run
+for a finished trial that has none, and the summary metrics of one that lacks them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sweeper.tracking.common import (
     MLFLOW_STATUS,
+    TAG_PARENT,
     TAG_REASON,
     TAG_ROLE,
     TAG_STATE,
+    TAG_STUDY,
     TAG_TRIAL,
+    chunks,
+    finite,
+    metric_key,
+    param_value,
     truncate,
 )
 
 if TYPE_CHECKING:
+    import optuna
     from mlflow import MlflowClient
+
+TAG_FILLED_IN = "sweeper.filled_in"  # what a repair wrote from Optuna's record
 
 
 @dataclass(frozen=True)
@@ -84,3 +96,69 @@ def reap_runs(client: MlflowClient, experiment_id: str, *,
             ended.append(EndedRun(run.info.run_id, name, "FINISHED",
                                   "no trial of the study is running"))
     return ended
+
+
+def fill_in_runs(client: MlflowClient, experiment_id: str, study_name: str,
+                 parent_run_id: str | None, trials: Iterable[optuna.trial.FrozenTrial]
+                 ) -> list[EndedRun]:
+    """For each finished trial of `trials`: create its run from Optuna's record if it has
+    none (params, summary metrics, state, reason), or log the summary metrics its run
+    lacks. Returns the runs created or completed."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from sweeper.study import ATTR_CONFIG, ATTR_METRICS, ATTR_REASON
+
+    finished = [t for t in trials if t.state.is_finished()]
+    if not finished:
+        return []
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'trial'",
+                              max_results=50000)
+    by_number = {}
+    for run in runs:
+        number = run.data.tags.get(TAG_TRIAL)
+        if number is not None and number.isdigit():
+            by_number.setdefault(int(number), run)
+    done: list[EndedRun] = []
+    for trial in finished:
+        summary = trial.user_attrs.get(ATTR_METRICS) or {}
+        when = int((trial.datetime_complete or trial.datetime_start).timestamp() * 1000) \
+            if (trial.datetime_complete or trial.datetime_start) else 0
+        run = by_number.get(trial.number)
+        if run is None:
+            status = MLFLOW_STATUS[trial.state.name]
+            reason = str(trial.user_attrs.get(ATTR_REASON) or "")
+            tags = {TAG_STUDY: study_name, TAG_TRIAL: str(trial.number), TAG_ROLE: "trial",
+                    TAG_STATE: trial.state.name,
+                    TAG_FILLED_IN: "the run, from the Optuna record"}
+            if parent_run_id:
+                tags[TAG_PARENT] = parent_run_id
+            if reason:
+                tags[TAG_REASON] = truncate(reason)
+            start = int(trial.datetime_start.timestamp() * 1000) if trial.datetime_start \
+                else None
+            created = client.create_run(experiment_id, run_name=f"trial-{trial.number}",
+                                        tags=tags, start_time=start)
+            run_id = created.info.run_id
+            config = trial.user_attrs.get(ATTR_CONFIG) or trial.params
+            params = [Param(k, param_value(v)) for k, v in config.items()]
+            for chunk in chunks(params, 100):
+                client.log_batch(run_id, params=chunk)
+            metrics = [Metric(metric_key(k), float(v), when, 0)
+                       for k, v in summary.items() if finite(v)]
+            for chunk in chunks(metrics, 900):
+                client.log_batch(run_id, metrics=chunk)
+            client.set_terminated(run_id, status, end_time=when or None)
+            done.append(EndedRun(run_id, f"trial-{trial.number}", status,
+                                 "created from the Optuna record"))
+            continue
+        missing = [Metric(metric_key(k), float(v), when, 0) for k, v in summary.items()
+                   if finite(v) and metric_key(k) not in run.data.metrics]
+        if missing:
+            for chunk in chunks(missing, 900):
+                client.log_batch(run.info.run_id, metrics=chunk,
+                                 tags=[RunTag(TAG_FILLED_IN, "metrics, from the Optuna "
+                                                             "record")])
+            done.append(EndedRun(run.info.run_id, run.info.run_name or run.info.run_id,
+                                 run.info.status, f"{len(missing)} metric(s) filled in from "
+                                                  f"the Optuna record"))
+    return done

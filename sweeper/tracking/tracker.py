@@ -21,8 +21,14 @@ MLflow itself. Choices worth knowing:
   "View run" lines (and fetch the run once more) for every trial.
 - Tracking must never cost an Optuna result. Every MLflow call is guarded: a failure is a
   one-line warning, the trial's remaining logging is skipped, and after `max_failures`
-  failures in a row tracking is switched off for the rest of the run; the sweep goes on.
-  Only `check()` (before any trial exists) and `start_study` raise `TrackingError`.
+  failures in a row the store is taken to be *away*: calls are skipped (none waits on a
+  server that is down) and the store is asked again every `REPROBE_S` before a trial and
+  at the end. Once it answers, tracking resumes, and at the end of the run what it missed
+  is filled in from Optuna's record (`repair.fill_in_runs`); what still could not be sent
+  is listed in `unsent` (the CLI says so) and `sweeper reap` repairs it later. Only
+  `check()` (before any trial exists) and `start_study` raise `TrackingError`.
+- At start, a worker ends the runs left RUNNING for trials that Optuna has finished (a
+  worker killed with its uploads queued).
 - mlflow is imported inside the functions: `sweeper --help` must stay instant.
 """
 
@@ -39,7 +45,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sweeper.errors import TrackingError
+from sweeper.errors import TrackingError, is_disk_full
+from sweeper.heartbeat import ATTR_WORKER
 from sweeper.storage import redact
 from sweeper.study import ATTR_RUN_ID
 from sweeper.tracking.common import (
@@ -52,6 +59,7 @@ from sweeper.tracking.common import (
     TAG_STUDY,
     TAG_TRIAL,
     chunks,
+    http_env,
     json_text,
     now_ms,
     one_line,
@@ -83,6 +91,7 @@ PARENT_WAIT_S = 10.0
 PARENT_RECENT_S = 120.0
 # How many finished trials may still have uploads queued when the next one starts.
 MAX_TRIALS_BEHIND = 1
+REPROBE_S = 10.0  # while the store is away, how often it is asked again
 
 
 # --------------------------------------------------------------------------------------
@@ -126,6 +135,11 @@ class MlflowTracker:
         self._registry_ready = False
         self._best_number: int | None = None
         self._ended_here = 0  # trials that ended in this process since start_study
+        self._reprobe_at = 0.0  # while `disabled` (the store is away): when to ask again
+        self._ended: dict[int, TrialRun | None] = {}  # trials ended here, and their runs
+        self.unsent: list[int] = []  # trials whose MLflow record is incomplete (at the end)
+        self.parent_unsent = False  # the parent run could not be ended
+        self.disk_full: str | None = None  # a tracking write that found the disk full
 
     # -- plumbing -----------------------------------------------------------------------
     @property
@@ -191,13 +205,36 @@ class MlflowTracker:
         """Record a tracking failure; switch tracking off after too many in a row."""
         message = f"MLflow ({self.where}): could not {what}: {one_line(exc)}"
         self.failures.append(message)
+        if is_disk_full(exc) and self.disk_full is None:
+            self.disk_full = message  # the study loop stops: every trial would lose this
         self._consecutive_failures += 1
         log.warning("%s", message)
         if self._consecutive_failures >= self.max_failures and not self.disabled:
             self.disabled = True
-            log.warning("MLflow tracking is off for the rest of this run after %d failures "
-                        "in a row; the study goes on and Optuna keeps every result",
+            self._reprobe_at = time.monotonic() + REPROBE_S
+            log.warning("MLflow (%s) is not answering after %d failures in a row: the study "
+                        "goes on and Optuna keeps every result; tracking resumes when it "
+                        "answers, and what it missed is filled in", self.where,
                         self._consecutive_failures)
+
+    def available(self) -> bool:
+        """Whether tracking is on: true unless the store is away; then it is asked again
+        (quickly, no retries) once `REPROBE_S` has passed since the last time."""
+        if not self.disabled:
+            return True
+        if time.monotonic() < self._reprobe_at:
+            return False
+        try:
+            with http_env(retries=0, timeout=5):
+                self.client.search_experiments(max_results=1)
+        except Exception as exc:
+            self._reprobe_at = time.monotonic() + REPROBE_S
+            log.debug("MLflow still away: %s", one_line(exc))
+            return False
+        self.disabled = False
+        self._consecutive_failures = 0
+        log.warning("MLflow (%s) answers again: tracking resumes", self.where)
+        return True
 
     # -- before anything is written ---------------------------------------------------
     def check(self) -> None:
@@ -231,6 +268,9 @@ class MlflowTracker:
         self._registry_ready = False
         self._best_number = None
         self._ended_here = 0
+        self._ended.clear()
+        self.unsent = []
+        self.parent_unsent = False
         if self.disabled:
             return
         with self.timed("start_study"):
@@ -244,11 +284,44 @@ class MlflowTracker:
                 if parent.info.status != "RUNNING":  # resumed: the study runs again
                     self.client.update_run(self.parent_run_id, status="RUNNING")
                 self._describe_parent(parent, spec)
+                self._end_orphans(study)
             except TrackingError:
                 raise
             except Exception as exc:
                 raise TrackingError(f"MLflow ({self.where}) could not start tracking study "
                                     f"{spec.name!r}: {one_line(exc)}") from exc
+
+    def _end_orphans(self, study: optuna.Study) -> None:
+        """End the runs left RUNNING for trials Optuna has finished (their worker was
+        killed with the run's end still queued), with the trial's state."""
+        from sweeper.study import ATTR_REASON
+        from sweeper.tracking.repair import reap_runs
+
+        assert self.experiment_id is not None
+        running = self.client.search_runs(
+            [self.experiment_id], max_results=1000,
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_ROLE}` = 'trial'")
+        numbers = {int(r.data.tags[TAG_TRIAL]) for r in running
+                   if r.data.tags.get(TAG_TRIAL, "").isdigit()}
+        if not numbers:
+            return
+        storage = study._storage
+        states: dict[int, str] = {}
+        reasons: dict[int, str] = {}
+        for number in numbers:
+            try:
+                trial = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(
+                    study._study_id, number))
+            except KeyError:
+                continue
+            states[number] = trial.state.name
+            if trial.user_attrs.get(ATTR_REASON):
+                reasons[number] = str(trial.user_attrs[ATTR_REASON])
+        for ended in reap_runs(self.client, self.experiment_id,
+                               trial_states={n: states.get(n, "RUNNING") for n in numbers},
+                               reasons=reasons, parent_run_id=None, study_running=True):
+            log.warning("ended run %s left RUNNING by a worker that stopped: %s (%s)",
+                        ended.name, ended.status, ended.reason)
 
     def _experiment(self, name: str) -> tuple[str, bool]:
         """The experiment's id, and whether this call created it."""
@@ -369,6 +442,7 @@ class MlflowTracker:
         for, so uploads never pile up behind fast trials.
         """
         self._close_unreported("sweeper did not report how this trial ended")
+        self.available()  # the store may be back
         with self.timed("trial.wait"):
             while len(self._behind) > MAX_TRIALS_BEHIND - 1:
                 self._behind.popleft().wait()
@@ -388,6 +462,7 @@ class MlflowTracker:
         """Give the trial's run its final status and bring the parent's `best` up to date."""
         self._ended_here += 1
         run = self._runs.pop(outcome.number, None)
+        self._ended[outcome.number] = run
         if run is not None:
             with self.timed("trial.end"):
                 run.finish(outcome)
@@ -515,21 +590,58 @@ class MlflowTracker:
         """Close what is still open, upload the study's figures and end the parent run:
         FINISHED, or KILLED when interrupted; left RUNNING while other workers still run
         trials of the study (the last one to stop ends it)."""
-        with self.timed("end_study"):
+        # A worker asked to stop leaves within seconds: no long retries on the way out.
+        hurry = http_env(retries=0, timeout=10) if interrupted and is_http(
+            self.tracking_uri) else contextlib.nullcontext()
+        with self.timed("end_study"), hurry:
             try:
                 self._close_unreported("interrupted" if interrupted else
                                        "sweeper did not report how this trial ended",
                                        "KILLED" if interrupted else "FAILED")
-                if not self.disabled and self.parent_run_id is not None:
+                self._reprobe_at = 0.0  # at the end, the store is always asked again
+                if self.available() and self.parent_run_id is not None:
                     self._end_parent(study, interrupted)
+                else:
+                    self.parent_unsent = self.parent_run_id is not None
             except Exception as exc:  # never mask the study's own outcome
                 self.failed("end the study's parent run", exc)
+                self.parent_unsent = True
             finally:
                 if self._executor is not None:
-                    # Tracking switched off: drop what is queued rather than wait for it.
+                    # The store is away: drop what is queued rather than wait for it.
                     self._executor.shutdown(wait=not self.disabled,
                                             cancel_futures=self.disabled)
                     self._executor = None
+            self._catch_up(study)
+
+    def _catch_up(self, study: optuna.Study) -> None:
+        """Fill in, from Optuna's record, the trials ended here whose MLflow record is
+        incomplete; list in `unsent` those that still are (`sweeper reap` repairs them)."""
+        from sweeper.tracking.repair import fill_in_runs, reap_runs
+
+        incomplete = sorted(n for n, run in self._ended.items()
+                            if run is None or run.run_id is None or run.incomplete)
+        self.unsent = incomplete
+        if not incomplete or self.experiment_id is None or not self.available():
+            return
+        storage = study._storage
+        try:
+            trials = [storage.get_trial(storage.get_trial_id_from_study_id_trial_number(
+                study._study_id, n)) for n in incomplete]
+            from sweeper.study import ATTR_REASON
+
+            reap_runs(self.client, self.experiment_id,
+                      trial_states={t.number: t.state.name for t in trials},
+                      reasons={t.number: str(t.user_attrs[ATTR_REASON]) for t in trials
+                               if t.user_attrs.get(ATTR_REASON)},
+                      parent_run_id=None, study_running=True)
+            fill_in_runs(self.client, self.experiment_id, self.spec.name,
+                         self.parent_run_id, trials)
+        except Exception as exc:
+            log.warning("MLflow (%s): could not fill in what tracking missed: %s",
+                        self.where, one_line(exc))
+            return
+        self.unsent = []
 
     def _end_parent(self, study: optuna.Study, interrupted: bool) -> None:
         from optuna.trial import TrialState
@@ -541,23 +653,29 @@ class MlflowTracker:
             self.wait_queued()  # every run's files, metrics and status are in
         names = [o.metric for o in self.spec.objective_list]
         with self.timed("parent.figures"):
-            # A run that ended no trial (nothing to do) leaves the figures as they were.
-            figures = (plots.study_figures(study, objective_names=names)
-                       if self._ended_here else {})
-            with tempfile.TemporaryDirectory(prefix="sweeper-figures-") as tmp:
-                for name, figure in figures.items():
-                    plots.write_page(Path(tmp, f"{name}.html"), {name: figure},
-                                     title=f"{self.spec.name}: {name}")
-                if figures:
-                    self.call("upload the study figures", self.client.log_artifacts,
-                              self.parent_run_id, tmp, "figures")
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            try:
+                # A run that ended no trial (nothing to do) leaves the figures as they were.
+                figures = (plots.study_figures(study, objective_names=names)
+                           if self._ended_here else {})
+                with tempfile.TemporaryDirectory(prefix="sweeper-figures-") as tmp:
+                    for name, figure in figures.items():
+                        plots.write_page(Path(tmp, f"{name}.html"), {name: figure},
+                                         title=f"{self.spec.name}: {name}")
+                    if figures:
+                        self.call("upload the study figures", self.client.log_artifacts,
+                                  self.parent_run_id, tmp, "figures")
+            except Exception as exc:  # a full disk, say: the parent run still ends
+                self.failed("write the study figures", exc)
+        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.user_attrs.get(ATTR_WORKER) != self.worker or self.worker is None]
         if running:
             log.debug("parent run left RUNNING: %d trial(s) still running elsewhere",
                       len(running))
             return
+        before = len(self.failures)
         self.call("end the parent run", self.client.set_terminated, self.parent_run_id,
                   "KILLED" if interrupted else "FINISHED")
+        self.parent_unsent = len(self.failures) > before or self.disabled
 
     # -- for reports ------------------------------------------------------------------------
     def overhead(self) -> dict[str, float]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sweeper import stopping
 from sweeper.redaction import redact_text
 from sweeper.study import ATTR_MODEL_ID, ATTR_RUN_ID
 from sweeper.tracking import model_files
@@ -98,6 +99,9 @@ class TrialRun:
         self.error_logged = False
         self.model_id: str | None = None
         self._ops: list[Future[Any]] = []
+        # Something of the run was not sent (a failure, or the store was away): the end
+        # of the study fills it in from Optuna's record, or `sweeper reap` does.
+        self.incomplete = False
 
     # -- plumbing -----------------------------------------------------------------------
     @property
@@ -107,11 +111,13 @@ class TrialRun:
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`fn(...)` now, on this thread; a failure marks the run broken (one warning)."""
         if not self.live:
+            self.incomplete = True
             return None
         before = len(self.tracker.failures)
         result = self.tracker.call(f"{what} (trial {self.number})", fn, *args, **kwargs)
-        if len(self.tracker.failures) > before:
+        if len(self.tracker.failures) > before or self.tracker.disabled:
             self.broken = True
+            self.incomplete = True
         return result
 
     def _queue(self, what: str, fn: Callable[..., Any], *args: Any,
@@ -119,10 +125,12 @@ class TrialRun:
         """`fn(...)` on the background thread, after everything queued before it. Skipped
         there if the run broke in the meantime (unless `always`: ending the run)."""
         if self.run_id is None or self.tracker.disabled or (self.broken and not always):
+            self.incomplete = True
             return
 
         def guarded() -> None:
             if self.tracker.disabled or (self.broken and not always):
+                self.incomplete = True
                 return
             if always:
                 self.broken = False  # ending a run is tried even after an earlier failure
@@ -171,6 +179,7 @@ class TrialRun:
                            run_name=f"trial-{self.number}", tags=tags)
         if run is None:
             return
+        stopping.checkpoint("in-create-run")
         self.run_id = run.info.run_id
         try:
             self.trial.set_user_attr(ATTR_RUN_ID, self.run_id)
@@ -388,6 +397,7 @@ class TrialRun:
             seconds: float | None = None) -> None:
         """Queue tags, error.txt and the terminal status after everything else of the run."""
         if self.run_id is None or self.tracker.disabled:
+            self.incomplete = True
             return
         reason = redact_text(reason) if reason else reason  # no password in a tag
         error = redact_text(error) if error else error
