@@ -76,9 +76,16 @@ def _plan_mlp(walk: _Walk) -> None:
         walk.dense(f"fc{i}", width)
 
 
+def cnn_pools(cfg: ModelConfig, block: int) -> bool:
+    """Whether conv block `block` (1-based) of a cnn is followed by a pool."""
+    if cfg.pool <= 1:
+        return False
+    return cfg.pool_blocks is None or block in cfg.pool_blocks
+
+
 def _plan_cnn(walk: _Walk) -> None:
     cfg = walk.cfg
-    kernel, pool = cfg.filter_size, cfg.pool
+    kernel, pool = _kernel(cfg), cfg.pool
     padding = kernel // 2 if cfg.padding == "same" else 0
     for i, channels in enumerate(cfg.channels, 1):
         later = i > 1
@@ -87,7 +94,7 @@ def _plan_cnn(walk: _Walk) -> None:
             cfg.padding == "valid" and "padding: same",
             later and pool > 1 and "a smaller pool",
             later and "fewer conv blocks"))
-        if pool > 1:
+        if cnn_pools(cfg, i):
             walk.pool(f"pool{i}", pool, key="pool", hint=_hint(
                 "a smaller pool",
                 cfg.padding == "valid" and kernel > 1 and "a smaller filter_size",
@@ -99,7 +106,7 @@ def _plan_cnn(walk: _Walk) -> None:
 
 
 def _plan_lenet(walk: _Walk) -> None:
-    kernel = walk.cfg.filter_size
+    kernel = _kernel(walk.cfg)
     hint = _hint(kernel > 1 and "a smaller filter_size",
                  "another arch (LeNet-5 is made for images of about 28x28)")
     # conv1 is padded (classic LeNet sees 28x28 digits padded to 32x32); conv2 is not.
@@ -111,18 +118,59 @@ def _plan_lenet(walk: _Walk) -> None:
         walk.dense(f"fc{i}", width)
 
 
+# The long-shortcut residual net: stem conv + pool, then a main path of
+# conv(2w), pool, conv(2w), pool, conv(4w) added to one 1x1 conv(4w) of stride 4 over it,
+# then `blocks` x (conv(4w) + pool). Pools round up (Keras' "same" pooling), so that the
+# shortcut's ceil(n/4) side meets the main path's twice-halved side.
+LONG_SHORTCUT_STRIDE = 4
+
+
 def _plan_resnet(walk: _Walk) -> None:
     cfg = walk.cfg
-    kernel, padding = cfg.filter_size, cfg.filter_size // 2
+    kernel = _kernel(cfg)
+    padding = kernel // 2
     hint = ("use an odd filter_size (padding F//2 keeps a side unchanged only for odd F, "
             "and a residual block must add equal shapes)")
-    walk.conv("stem", cfg.width, kernel, padding, key="filter_size", hint=hint)
-    for stage, (mult, stride) in enumerate(zip((1, 2, 4), (1, 2, 2), strict=True), 1):
-        for block in range(1, cfg.blocks + 1):
-            walk.residual(f"stage{stage}.block{block}", cfg.width * mult, kernel,
-                          stride if block == 1 else 1, hint=hint)
-    walk.add("gap", (walk.shape[0], 1, 1))
+    if cfg.shortcut == "long":
+        _plan_resnet_long(walk, kernel, padding, hint)
+    else:
+        walk.conv("stem", cfg.width, kernel, padding, key="filter_size", hint=hint)
+        for stage, (mult, stride) in enumerate(zip((1, 2, 4), (1, 2, 2), strict=True), 1):
+            for block in range(1, cfg.blocks + 1):
+                walk.residual(f"stage{stage}.block{block}", cfg.width * mult, kernel,
+                              stride if block == 1 else 1, hint=hint)
+        walk.add("gap", (walk.shape[0], 1, 1))
     walk.flatten()
+    for i, width in enumerate(cfg.head, 1):
+        walk.dense(f"fc{i}", width)
+
+
+def _plan_resnet_long(walk: _Walk, kernel: int, padding: int, hint: str) -> None:
+    w = walk.cfg.width
+    pool_hint = "use fewer blocks or shortcut: projection"
+    walk.conv("stem", w, kernel, padding, key="filter_size", hint=hint)
+    walk.pool("stem_pool", 2, key="blocks", hint=pool_hint, ceil=True)
+    _, h, wd = walk.shape
+    stride = LONG_SHORTCUT_STRIDE
+    short = (4 * w, _side(h, 1, 0, stride), _side(wd, 1, 0, stride))
+    for name, channels, pooled in (("main.conv1", 2 * w, True), ("main.conv2", 2 * w, True),
+                                   ("main.conv3", 4 * w, False)):
+        walk.conv(name, channels, kernel, padding, key="filter_size", hint=hint)
+        if pooled:
+            walk.pool(name.replace("conv", "pool"), 2, key="blocks", hint=pool_hint,
+                      ceil=True)
+    if walk.shape != short:
+        raise walk.fail("filter_size", f"the main path's {_fmt(walk.shape)} cannot be added "
+                                       f"to the long shortcut's {_fmt(short)}", "add", hint)
+    walk.add("add", short)
+    for block in range(1, walk.cfg.blocks + 1):
+        walk.conv(f"post{block}.conv", 4 * w, kernel, padding, key="filter_size", hint=hint)
+        walk.pool(f"post{block}.pool", 2, key="blocks", hint=pool_hint, ceil=True)
+
+
+def _kernel(cfg: ModelConfig) -> int:
+    assert cfg.filter_size is not None  # filled from the arch's default on validation
+    return cfg.filter_size
 
 
 _PLANNERS = {"mlp": _plan_mlp, "cnn": _plan_cnn, "lenet": _plan_lenet,
@@ -152,12 +200,16 @@ class _Walk:
                                  f"{h}x{w}", name, hint)
         self.add(name, (channels, _side(h, kernel, padding), _side(w, kernel, padding)))
 
-    def pool(self, name: str, size: int, *, key: str, hint: str) -> None:
+    def pool(self, name: str, size: int, *, key: str, hint: str, ceil: bool = False) -> None:
+        """A pool of stride `size`; `ceil` keeps a partial window at the edge."""
         c, h, w = self.shape
         if h < size or w < size:
             raise self.fail(key, f"{name} ({size}x{size}) would reduce {c}x{h}x{w} to "
                                  f"{c}x{h // size}x{w // size}", name, hint)
-        self.add(name, (c, h // size, w // size))
+        if ceil:
+            self.add(name, (c, -(-h // size), -(-w // size)))
+        else:
+            self.add(name, (c, h // size, w // size))
 
     def residual(self, name: str, channels: int, kernel: int, stride: int, *,
                  hint: str) -> None:
