@@ -259,12 +259,13 @@ def _browse_hint(tracking_uri: str, experiment_id: str | None, spec: StudySpec) 
 def validate(file: StudyFile, debug: Debug = False) -> None:
     """Check a study file without running it, and print its search space."""
     from sweeper import config, space
-    from sweeper.display import print_space
+    from sweeper.display import print_networks, print_space
 
     with user_errors(debug):
         spec = config.load(file)
         print_space(spec, space.describe(spec), space.size(spec),
                     space.infeasible_corners(spec), out)
+        print_networks(space.networks(spec), out)
 
 
 @app.command()

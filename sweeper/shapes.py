@@ -36,6 +36,7 @@ class Layer:
 
     name: str  # e.g. "conv1", "pool1", "stage2.block1", "flatten", "fc1", "fc"
     shape: Shape  # (C, H, W) output of that layer
+    params: int = 0  # trainable scalars of the layer (its BatchNorm included)
 
     @property
     def flat(self) -> bool:
@@ -43,6 +44,12 @@ class Layer:
 
     def __str__(self) -> str:
         return f"{self.name} {self.shape[0]}" if self.flat else f"{self.name} {_fmt(self.shape)}"
+
+
+def parameter_count(layers: list[Layer]) -> int:
+    """Trainable parameters of a planned network (equal to `models.count_parameters` of
+    the built one; a test holds the two together)."""
+    return sum(layer.params for layer in layers)
 
 
 def plan(cfg: ModelConfig, input_shape: tuple[int, int, int],
@@ -73,7 +80,7 @@ def plan(cfg: ModelConfig, input_shape: tuple[int, int, int],
 def _plan_mlp(walk: _Walk) -> None:
     walk.flatten()
     for i, width in enumerate(walk.cfg.hidden, 1):
-        walk.dense(f"fc{i}", width)
+        walk.dense(f"fc{i}", width, batch_norm=bool(walk.cfg.batch_norm))
 
 
 def cnn_pools(cfg: ModelConfig, block: int) -> bool:
@@ -93,7 +100,7 @@ def _plan_cnn(walk: _Walk) -> None:
             kernel > 1 and "a smaller filter_size",
             cfg.padding == "valid" and "padding: same",
             later and pool > 1 and "a smaller pool",
-            later and "fewer conv blocks"))
+            later and "fewer conv blocks"), batch_norm=bool(cfg.batch_norm))
         if cnn_pools(cfg, i):
             walk.pool(f"pool{i}", pool, key="pool", hint=_hint(
                 "a smaller pool",
@@ -134,11 +141,13 @@ def _plan_resnet(walk: _Walk) -> None:
     if cfg.shortcut == "long":
         _plan_resnet_long(walk, kernel, padding, hint)
     else:
-        walk.conv("stem", cfg.width, kernel, padding, key="filter_size", hint=hint)
+        walk.conv("stem", cfg.width, kernel, padding, key="filter_size", hint=hint,
+                  batch_norm=bool(cfg.batch_norm))
         for stage, (mult, stride) in enumerate(zip((1, 2, 4), (1, 2, 2), strict=True), 1):
             for block in range(1, cfg.blocks + 1):
                 walk.residual(f"stage{stage}.block{block}", cfg.width * mult, kernel,
-                              stride if block == 1 else 1, hint=hint)
+                              stride if block == 1 else 1, hint=hint,
+                              batch_norm=bool(cfg.batch_norm))
         walk.add("gap", (walk.shape[0], 1, 1))
     walk.flatten()
     for i, width in enumerate(cfg.head, 1):
@@ -146,25 +155,27 @@ def _plan_resnet(walk: _Walk) -> None:
 
 
 def _plan_resnet_long(walk: _Walk, kernel: int, padding: int, hint: str) -> None:
-    w = walk.cfg.width
+    w, bn = walk.cfg.width, bool(walk.cfg.batch_norm)
     pool_hint = "use fewer blocks or shortcut: projection"
-    walk.conv("stem", w, kernel, padding, key="filter_size", hint=hint)
+    walk.conv("stem", w, kernel, padding, key="filter_size", hint=hint, batch_norm=bn)
     walk.pool("stem_pool", 2, key="blocks", hint=pool_hint, ceil=True)
     _, h, wd = walk.shape
     stride = LONG_SHORTCUT_STRIDE
     short = (4 * w, _side(h, 1, 0, stride), _side(wd, 1, 0, stride))
     for name, channels, pooled in (("main.conv1", 2 * w, True), ("main.conv2", 2 * w, True),
                                    ("main.conv3", 4 * w, False)):
-        walk.conv(name, channels, kernel, padding, key="filter_size", hint=hint)
+        walk.conv(name, channels, kernel, padding, key="filter_size", hint=hint,
+                  batch_norm=bn)
         if pooled:
             walk.pool(name.replace("conv", "pool"), 2, key="blocks", hint=pool_hint,
                       ceil=True)
     if walk.shape != short:
         raise walk.fail("filter_size", f"the main path's {_fmt(walk.shape)} cannot be added "
                                        f"to the long shortcut's {_fmt(short)}", "add", hint)
-    walk.add("add", short)
+    walk.add("add", short, params=_conv_params(w, 4 * w, 1, bn))  # the shortcut's 1x1 conv
     for block in range(1, walk.cfg.blocks + 1):
-        walk.conv(f"post{block}.conv", 4 * w, kernel, padding, key="filter_size", hint=hint)
+        walk.conv(f"post{block}.conv", 4 * w, kernel, padding, key="filter_size", hint=hint,
+                  batch_norm=bn)
         walk.pool(f"post{block}.pool", 2, key="blocks", hint=pool_hint, ceil=True)
 
 
@@ -187,18 +198,19 @@ class _Walk:
         self.shape = input_shape
         self.layers: list[Layer] = []
 
-    def add(self, name: str, shape: Shape) -> None:
-        self.layers.append(Layer(name, shape))
+    def add(self, name: str, shape: Shape, params: int = 0) -> None:
+        self.layers.append(Layer(name, shape, params))
         self.shape = shape
 
     def conv(self, name: str, channels: int, kernel: int, padding: int, *, key: str,
-             hint: str) -> None:
+             hint: str, batch_norm: bool = False) -> None:
         _, h, w = self.shape
         need = kernel - 2 * padding
         if h < need or w < need:
             raise self.fail(key, f"{name} needs an input of at least {need}x{need} but gets "
                                  f"{h}x{w}", name, hint)
-        self.add(name, (channels, _side(h, kernel, padding), _side(w, kernel, padding)))
+        self.add(name, (channels, _side(h, kernel, padding), _side(w, kernel, padding)),
+                 _conv_params(self.shape[0], channels, kernel, batch_norm))
 
     def pool(self, name: str, size: int, *, key: str, hint: str, ceil: bool = False) -> None:
         """A pool of stride `size`; `ceil` keeps a partial window at the edge."""
@@ -212,7 +224,7 @@ class _Walk:
             self.add(name, (c, h // size, w // size))
 
     def residual(self, name: str, channels: int, kernel: int, stride: int, *,
-                 hint: str) -> None:
+                 hint: str, batch_norm: bool = True) -> None:
         """A BasicBlock: two FxF convs (the first strided) plus a shortcut, added."""
         c, h, w = self.shape
         padding = kernel // 2
@@ -227,20 +239,29 @@ class _Walk:
             raise self.fail("filter_size", f"{name} cannot add its main path "
                                            f"{channels}x{main[0]}x{main[1]} to its shortcut "
                                            f"{channels}x{short[0]}x{short[1]}", name, hint)
-        self.add(name, (channels, main[0], main[1]))
+        params = (_conv_params(c, channels, kernel, batch_norm)
+                  + _conv_params(channels, channels, kernel, batch_norm)
+                  + (_conv_params(c, channels, 1, batch_norm) if projected else 0))
+        self.add(name, (channels, main[0], main[1]), params)
 
     def flatten(self) -> None:
         c, h, w = self.shape
         self.add("flatten", (c * h * w, 1, 1))
 
-    def dense(self, name: str, width: int) -> None:
-        self.add(name, (width, 1, 1))
+    def dense(self, name: str, width: int, batch_norm: bool = False) -> None:
+        # Linear (no bias before BatchNorm, whose shift replaces it) + BN's scale and shift.
+        self.add(name, (width, 1, 1), self.shape[0] * width + (2 if batch_norm else 1) * width)
 
     def fail(self, key: str, what: str, name: str, hint: str) -> InfeasibleConfig:
         path = " → ".join([f"input {_fmt(self.input)}", *map(str, self.layers),
                            f"{name} ..."])
         return InfeasibleConfig(f"model.{key}={getattr(self.cfg, key)}: {what} ({path}); "
                                 f"{hint}")
+
+
+def _conv_params(in_channels: int, out_channels: int, kernel: int, batch_norm: bool) -> int:
+    """Weights of a conv, plus its bias, or BatchNorm's scale and shift in place of it."""
+    return in_channels * out_channels * kernel * kernel + (2 if batch_norm else 1) * out_channels
 
 
 def _side(n: int, kernel: int, padding: int, stride: int = 1) -> int:
