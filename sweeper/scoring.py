@@ -111,8 +111,8 @@ def ensemble(study: str, top: int = 5, *, storage: str | None = None,
              device: str | None = None, log: bool = True) -> EnsembleScore:
     """The `top` best completed trials that logged a model vote on the test split, by
     soft voting (mean probability) and hard voting (majority class, ties broken by the
-    mean probability; it gives labels only, so it has no AUC and no loss). With `log`, the result is an `ensemble` run under the study's
-    parent run.
+    mean probability; it gives labels only, so it has no AUC and no loss).
+    With `log`, the result is an `ensemble` run under the study's parent run.
 
     >>> score = ensemble("digits-smoke", top=3, log=False)
     >>> [m.number for m in score.members] == [t.number for t in best_trials("digits-smoke",
