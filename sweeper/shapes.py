@@ -162,8 +162,8 @@ def _plan_resnet_long(walk: _Walk, kernel: int, padding: int, hint: str) -> None
     _, h, wd = walk.shape
     stride = LONG_SHORTCUT_STRIDE
     short = (4 * w, _side(h, 1, 0, stride), _side(wd, 1, 0, stride))
-    for name, channels, pooled in (("main.conv1", 2 * w, True), ("main.conv2", 2 * w, True),
-                                   ("main.conv3", 4 * w, False)):
+    for name, channels, pooled in (("add.main.conv1", 2 * w, True), ("add.main.conv2", 2 * w, True),
+                                   ("add.main.conv3", 4 * w, False)):
         walk.conv(name, channels, kernel, padding, key="filter_size", hint=hint,
                   batch_norm=bn)
         if pooled:
