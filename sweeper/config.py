@@ -25,7 +25,7 @@ from sweeper.errors import ConfigError
 # Names the study file may use
 # --------------------------------------------------------------------------------------
 DatasetName = Literal["mnist", "fashion_mnist", "kmnist", "cifar10", "digits", "synthetic"]
-Arch = Literal["mlp", "cnn", "lenet", "resnet"]
+Arch = Literal["mlp", "cnn", "lenet", "resnet", "resnet18"]
 OptimizerName = Literal["sgd", "momentum", "rmsprop", "adagrad", "adam", "adamw"]
 SamplerName = Literal["tpe", "random", "grid", "cmaes", "gp", "qmc", "nsga2"]
 PrunerName = Literal["none", "median", "hyperband", "successive_halving"]
@@ -148,6 +148,11 @@ class ModelConfig(_Section):
     shortcut: Literal["projection", "long"] = Field(
         "projection", description="resnet: a shortcut around every block (a 1x1 projection "
         "where the shape changes), or one long 1x1 strided shortcut over all stages")
+    # resnet18 (torchvision's, for transfer learning)
+    pretrained: str = Field("none", min_length=1, max_length=4096, description="resnet18: "
+                            "none, imagenet (downloaded into the data directory) or the path "
+                            "of a .pth state dict")
+    freeze: bool = Field(False, description="resnet18: train the new classifier only")
 
     @field_validator("channels", "hidden", "head")
     @classmethod
@@ -187,6 +192,7 @@ ARCH_KEYS: dict[str, tuple[str, ...]] = {
     "lenet": ("arch", "filter_size", "activation", "pooling", "dropout"),
     "resnet": ("arch", "width", "blocks", "filter_size", "batch_norm", "shortcut", "head",
                "dropout"),
+    "resnet18": ("arch", "pretrained", "freeze", "dropout"),
 }
 # Canonical values of the keys whose default depends on the arch.
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -194,6 +200,7 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "cnn": {"dropout": 0.5, "filter_size": 3, "batch_norm": False},
     "lenet": {"dropout": 0.0, "filter_size": 5, "batch_norm": False},
     "resnet": {"dropout": 0.0, "filter_size": 3, "batch_norm": True},
+    "resnet18": {"dropout": 0.0, "filter_size": 3, "batch_norm": True},
 }
 
 

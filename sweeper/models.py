@@ -1,4 +1,4 @@
-"""The four architectures (mlp, cnn, lenet, resnet) as torch modules.
+"""The architectures (mlp, cnn, lenet, resnet; resnet18 in `transfer`) as torch modules.
 
 `build_model` asks `shapes.plan` first, so an infeasible configuration raises
 InfeasibleConfig before a single parameter is allocated, and the widths of the dense
@@ -16,6 +16,7 @@ This module imports torch only: no optuna, mlflow or data code, so a model can b
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -36,15 +37,22 @@ _POOLS: dict[str, Callable[..., nn.Module]] = {"max": nn.MaxPool2d, "avg": nn.Av
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int],
-                num_classes: int) -> nn.Module:
+                num_classes: int, *, data_dir: str | os.PathLike[str] | None = None
+                ) -> nn.Module:
     """The model `cfg` describes, for images of `input_shape` (C, H, W).
 
     Raises InfeasibleConfig (from `shapes.plan`) before building anything when a layer
-    does not fit its input.
+    does not fit its input. `data_dir` is where `resnet18` finds (or downloads) its
+    pretrained weights; no other arch reads anything from disk.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, but got {num_classes}")
     layers = shapes.plan(cfg, input_shape, num_classes)
+    if cfg.arch == "resnet18":
+        # torchvision is imported only by the one arch that needs it.
+        from sweeper.transfer import build_resnet18
+
+        return build_resnet18(cfg, input_shape[0], num_classes, data_dir)
     features = next(layer.shape[0] for layer in layers if layer.name == "flatten")
     builder = _BUILDERS[cfg.arch]
     return builder(cfg, input_shape[0], features, num_classes)

@@ -184,8 +184,25 @@ def _kernel(cfg: ModelConfig) -> int:
     return cfg.filter_size
 
 
+def _plan_resnet18(walk: _Walk) -> None:
+    """torchvision's ResNet-18: 7x7/2 conv, 3x3/2 max pool, four stages of two blocks."""
+    hint = "use another arch (ResNet-18 needs inputs of at least 4x4)"
+    c, h, w = walk.shape
+    if h < 4 or w < 4:
+        raise walk.fail("arch", f"conv1 needs an input of at least 4x4 but gets {h}x{w}",
+                        "conv1", hint)
+    walk.add("conv1", (64, _side(h, 7, 3, 2), _side(w, 7, 3, 2)), _conv_params(c, 64, 7, True))
+    walk.add("maxpool", (64, _side(walk.shape[1], 3, 1, 2), _side(walk.shape[2], 3, 1, 2)))
+    for stage, channels in enumerate((64, 128, 256, 512), 1):
+        for block in range(2):
+            walk.residual(f"layer{stage}.{block}", channels, 3,
+                          2 if stage > 1 and block == 0 else 1, hint=hint)
+    walk.add("avgpool", (walk.shape[0], 1, 1))
+    walk.flatten()
+
+
 _PLANNERS = {"mlp": _plan_mlp, "cnn": _plan_cnn, "lenet": _plan_lenet,
-             "resnet": _plan_resnet}
+             "resnet": _plan_resnet, "resnet18": _plan_resnet18}
 
 
 # --------------------------------------------------------------------------------------

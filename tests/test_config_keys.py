@@ -35,6 +35,8 @@ OTHER_VALUE: dict[str, tuple[Any, Any]] = {
     "width": (8, 16),
     "blocks": (1, 2),
     "shortcut": ("projection", "long"),
+    "pretrained": ("none", "imagenet"),  # resnet18's "read" check uses a file it writes
+    "freeze": (False, True),
 }
 OPTIMIZER_VALUES: dict[str, tuple[Any, Any]] = {
     "momentum": (0.5, 0.7),
@@ -59,6 +61,23 @@ def error_of(tmp_path: Path, text: str) -> str:
     return message.removeprefix(str(tmp_path / "study.yaml"))
 
 
+def resnet18_weights(folder: Path) -> Path:
+    import torchvision
+
+    torch.manual_seed(123)
+    path = folder / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+def fingerprint(cfg: ModelConfig) -> tuple[str, int, float]:
+    torch.manual_seed(0)
+    model = build_model(cfg, MNIST, 10)
+    with torch.no_grad():
+        checksum = float(sum(p.double().sum() for p in model.parameters()))
+    return repr(model), count_parameters(model), checksum
+
+
 def test_the_declaration_covers_every_key() -> None:
     assert set(OTHER_VALUE) == set(MODEL_KEYS)
     assert set(OPTIMIZER_VALUES) == set(OPTIMIZER_SPECIFIC)
@@ -72,9 +91,11 @@ def test_every_arch_reads_or_rejects_every_key(tmp_path: Path, arch: str, key: s
     first, second = OTHER_VALUE[key]
     base: dict[str, Any] = {"arch": arch, "channels": [8, 16], "width": 8, "hidden": [32]}
     if key in ARCH_KEYS[arch]:
-        # Read: the two values build different networks (modules or their settings).
-        nets = [repr(build_model(ModelConfig(**{**base, key: value}), MNIST, 10))
-                for value in (first, second)]
+        if key == "pretrained":
+            second = str(resnet18_weights(tmp_path))
+        # Read: the two values build different networks (modules, their settings, which
+        # parameters train, or the starting weights).
+        nets = [fingerprint(ModelConfig(**{**base, key: value})) for value in (first, second)]
         assert nets[0] != nets[1], f"{arch} declares {key} but ignores it"
         return
     # Not read: fixed in `model:` or searched in `space:`, it is an error.
@@ -212,7 +233,7 @@ def test_lenet_is_lenet5_without_dropout() -> None:
 
 
 def test_dropout_and_batch_norm_default_per_arch_and_follow_a_changed_arch() -> None:
-    assert [ModelConfig(arch=a).dropout for a in ARCH_KEYS] == [0.0, 0.5, 0.0, 0.0]
+    assert [ModelConfig(arch=a).dropout for a in ARCH_KEYS] == [0.0, 0.5, 0.0, 0.0, 0.0]
     assert ModelConfig(arch="resnet").batch_norm and not ModelConfig(arch="cnn").batch_norm
     cfg = ModelConfig(arch="cnn")
     cfg.arch = "lenet"

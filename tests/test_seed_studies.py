@@ -23,7 +23,7 @@ PARAMS = {
     "convnet_filter_size": 34_826, "regularisation": 34_826,
     "lenet5_mnist": 61_706, "lenet5_fashion_mnist": 61_706,
     "models_lr_dnn": 15_866, "models_lr_convnet": 93_322, "models_lr_resnet": 348_362,
-    "optimizers": 289_630, "ensemble": 289_630,
+    "optimizers": 289_630, "ensemble": 289_630, "transfer_resnet18": 11_175_370,
 }
 
 
@@ -75,6 +75,13 @@ def test_seed_study_runs_on_a_small_subset(path: Path, data_dir: Path, tmp_path:
     spec.dataset.test_subset = 200
     spec.dataset.download = False
     spec.budget.epochs = 1
+    if spec.model.pretrained == "imagenet":  # no download in tests: a file in its format
+        import torch
+        import torchvision
+
+        torch.save(torchvision.models.resnet18(weights=None).state_dict(),
+                   tmp_path / "resnet18.pth")
+        spec.model.pretrained = str(tmp_path / "resnet18.pth")
     report = run_study(spec, RunOptions(storage=f"sqlite:///{tmp_path / 'optuna.db'}",
                                         device="cpu", data_dir=data_dir))
     study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
