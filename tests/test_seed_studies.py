@@ -70,9 +70,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 def test_seed_study_runs_on_a_small_subset(path: Path, data_dir: Path, tmp_path: Path) -> None:
     spec = config.load(path)
-    spec.dataset.subset = 300
-    spec.dataset.val_fraction = 0.005  # 300 of MNIST's 60,000 (Fashion's files: 2)
-    spec.dataset.test_subset = 200
+    spec.dataset.subset = 200
+    spec.dataset.val_fraction = 0.003  # 180 of MNIST's 60,000 (Fashion's files: 1)
+    spec.dataset.test_subset = 100
     spec.dataset.download = False
     spec.budget.epochs = 1
     if spec.model.pretrained == "imagenet":  # no download in tests: a file in its format
