@@ -194,9 +194,13 @@ def _resnet(cfg: ModelConfig, in_channels: int, features: int, num_classes: int)
     if cfg.shortcut == "long":
         _resnet_long(layers, cfg, in_channels, kernel)
     else:
-        stem: OrderedDict[str, nn.Module] = OrderedDict()
-        _conv_block(stem, "conv", in_channels, width, kernel, kernel // 2, batch_norm=bn,
-                    activation="relu")
+        # Names kept from the first version of this arch (stem.conv, stem.bn), so that
+        # weights saved then still load.
+        stem: OrderedDict[str, nn.Module] = OrderedDict(
+            conv=nn.Conv2d(in_channels, width, kernel, padding=kernel // 2, bias=not bn))
+        if bn:
+            stem["bn"] = nn.BatchNorm2d(width)
+        stem["relu"] = nn.ReLU()
         layers["stem"] = nn.Sequential(stem)
         channels = width
         for stage, (mult, stride) in enumerate(zip((1, 2, 4), (1, 2, 2), strict=True), 1):

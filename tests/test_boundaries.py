@@ -23,6 +23,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "models": {"optuna", "mlflow", "torchvision", "sweeper.data"},
     "train": {"optuna", "mlflow"},
     "transfer": {"optuna", "mlflow"},
+    "rerun": {"mlflow"},
     "evaluate": {"optuna", "mlflow"},
     "plots": {"mlflow", "torch"},
     "study": {"mlflow"},
