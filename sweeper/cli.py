@@ -276,12 +276,13 @@ def _browse_hint(tracking_uri: str, experiment_id: str | None, spec: StudySpec) 
 def validate(file: StudyFile, debug: Debug = False) -> None:
     """Check a study file without running it, and print its search space."""
     from sweeper import config, space
-    from sweeper.display import print_space
+    from sweeper.display import print_networks, print_space
 
     with user_errors(debug):
         spec = config.load(file)
         print_space(spec, space.describe(spec), space.size(spec),
                     space.infeasible_corners(spec), out)
+        print_networks(space.networks(spec), out)
 
 
 @app.command()
@@ -524,6 +525,34 @@ def evaluate(
         verdict = ("matches the logged test metrics" if score.matches else
                    "differs from the logged test metrics (another device or precision?)")
         out.print(f"trial #{score.trial.number}: {verdict}", markup=False)
+
+
+@app.command()
+def rerun(
+    study: StudyName,
+    trial: Annotated[int, typer.Option("--trial", min=0, help="The trial's number.")],
+    device: DeviceOpt = None,
+    data_dir: DataDirOpt = None,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    debug: Debug = False,
+) -> None:
+    """Train a completed trial again from its logged config and seed, and print the logged
+    final metrics beside the new ones (on the CPU they are identical)."""
+    from sweeper import views
+    from sweeper.rerun import rerun_trial
+
+    with user_errors(debug):
+        _quiet_libraries(debug)
+        score = rerun_trial(study, trial, storage=storage, tracking_uri=tracking_uri,
+                            data_dir=data_dir, device=device)
+        out.print(views.evaluation_table(score, title=f"trial #{trial} of {study}, trained "
+                                                      f"again"))
+        same = all(score.metrics.get(k) == v for k, v in score.logged.items())
+        verdict = ("reproduces the logged metrics exactly" if same else
+                   "matches the logged metrics within 1e-4" if score.matches else
+                   "differs from the logged metrics (another device or precision?)")
+        out.print(f"trial #{trial}: {verdict}", markup=False)
 
 
 @app.command()

@@ -28,7 +28,7 @@ from sweeper.errors import ConfigError
 # Names the study file may use
 # --------------------------------------------------------------------------------------
 DatasetName = Literal["mnist", "fashion_mnist", "kmnist", "cifar10", "digits", "synthetic"]
-Arch = Literal["mlp", "cnn", "lenet", "resnet"]
+Arch = Literal["mlp", "cnn", "lenet", "resnet", "resnet18"]
 OptimizerName = Literal["sgd", "momentum", "rmsprop", "adagrad", "adam", "adamw"]
 SamplerName = Literal["tpe", "random", "grid", "cmaes", "gp", "qmc", "nsga2"]
 PrunerName = Literal["none", "median", "hyperband", "successive_halving"]
@@ -130,27 +130,47 @@ class DatasetConfig(_Section):
         return DATASET_SHAPES[self.name][1]
 
 
+Activation = Literal["relu", "sigmoid", "tanh", "gelu", "leaky_relu"]
+
+
 class ModelConfig(_Section):
-    """Every architecture's knobs; each arch reads only its own (see ARCH_KEYS)."""
+    """Every architecture's knobs; each arch reads only its own (see ARCH_KEYS).
+
+    Keys whose canonical value depends on the arch (dropout, filter_size, batch_norm) are
+    None until validation fills them from ARCH_DEFAULTS for the chosen arch; a key the
+    study file set itself is never overwritten.
+    """
 
     arch: Arch = "cnn"
-    dropout: float = Field(0.5, ge=0, lt=1)
+    dropout: float | None = Field(None, ge=0, lt=1, description="default per arch "
+                                  "(0 where the canonical network has none)")
     # conv nets (cnn, lenet, resnet)
-    filter_size: int = Field(3, ge=1, le=15, description="conv kernel size F (FxF)")
+    filter_size: int | None = Field(None, ge=1, le=15, description="conv kernel size F "
+                                    "(FxF); lenet's default is 5, the others' 3")
     # cnn: one conv block per entry; the classic MNIST ConvNet is [32, 64]
     channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1, max_length=8)
     padding: Literal["valid", "same"] = "valid"
-    pool: int = Field(2, ge=1, le=4, description="max-pool size after each conv block")
-    batch_norm: bool = False
+    pool: int = Field(2, ge=1, le=4, description="pool size after a pooling conv block")
+    pool_blocks: list[int] | None = Field(None, max_length=8, description="cnn: the conv "
+                                          "blocks (1-based) followed by a pool; all if unset")
+    batch_norm: bool | None = Field(None, description="default: on for resnet, off otherwise")
     head: list[int] = Field(default_factory=list, max_length=4, description="dense layers")
     # mlp
     hidden: list[int] = Field(default_factory=lambda: [256, 128], max_length=8)
-    # lenet: "classic" LeNet-5 is sigmoid + avg; "modern" is relu + max
-    activation: Literal["relu", "sigmoid", "tanh", "gelu"] = "relu"
+    # mlp, cnn, lenet, resnet: "classic" LeNet-5 is sigmoid + avg; "modern" is relu + max
+    activation: Activation = "relu"
     pooling: Literal["max", "avg"] = "max"
     # resnet
     width: int = Field(16, ge=4, le=256, description="channels of the first stage")
     blocks: int = Field(1, ge=1, le=4, description="residual blocks per stage")
+    shortcut: Literal["projection", "long"] = Field(
+        "projection", description="resnet: a shortcut around every block (a 1x1 projection "
+        "where the shape changes), or one long 1x1 strided shortcut over all stages")
+    # resnet18 (torchvision's, for transfer learning)
+    pretrained: str = Field("none", min_length=1, max_length=4096, description="resnet18: "
+                            "none, imagenet (downloaded into the data directory) or the path "
+                            "of a .pth state dict")
+    freeze: bool = Field(False, description="resnet18: train the new classifier only")
 
     @field_validator("channels", "hidden", "head")
     @classmethod
@@ -159,27 +179,107 @@ class ModelConfig(_Section):
             raise ValueError(f"every width must be >= 1, but got {widths}")
         return widths
 
+    @field_validator("pool_blocks")
+    @classmethod
+    def _block_numbers(cls, blocks: list[int] | None) -> list[int] | None:
+        if blocks is not None and (any(b < 1 for b in blocks) or len(set(blocks)) != len(blocks)):
+            raise ValueError(f"pool_blocks lists distinct conv block numbers from 1, but got "
+                             f"{blocks}")
+        return blocks
 
-# Which ModelConfig keys each architecture reads; params logged for a trial are these.
+    @model_validator(mode="after")
+    def _arch_defaults(self) -> ModelConfig:
+        if self.pool_blocks and max(self.pool_blocks) > len(self.channels):
+            raise ValueError(f"pool_blocks {self.pool_blocks} names a block beyond the "
+                             f"{len(self.channels)} conv blocks of channels {self.channels}")
+        # Written through __dict__: a default is not a value the file set (model_fields_set
+        # stays as it was), so changing `arch` later re-derives it.
+        for key, value in ARCH_DEFAULTS[self.arch].items():
+            if key not in self.model_fields_set:
+                self.__dict__[key] = value
+        return self
+
+
+# The one declaration of which ModelConfig keys each architecture reads. A study file that
+# sets or searches any other model key for that arch is rejected (`check_keys_read`);
+# the params logged for a trial are these.
 ARCH_KEYS: dict[str, tuple[str, ...]] = {
-    "mlp": ("arch", "hidden", "dropout", "activation"),
-    "cnn": ("arch", "channels", "filter_size", "padding", "pool", "batch_norm", "head",
-            "dropout"),
+    "mlp": ("arch", "hidden", "activation", "batch_norm", "dropout"),
+    "cnn": ("arch", "channels", "filter_size", "padding", "activation", "pool", "pooling",
+            "pool_blocks", "batch_norm", "head", "dropout"),
     "lenet": ("arch", "filter_size", "activation", "pooling", "dropout"),
-    "resnet": ("arch", "width", "blocks", "filter_size", "dropout"),
+    "resnet": ("arch", "width", "blocks", "filter_size", "batch_norm", "shortcut", "head",
+               "dropout"),
+    "resnet18": ("arch", "pretrained", "freeze", "dropout"),
+}
+# Canonical values of the keys whose default depends on the arch.
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {"dropout": 0.0, "filter_size": 3, "batch_norm": False},
+    "cnn": {"dropout": 0.5, "filter_size": 3, "batch_norm": False},
+    "lenet": {"dropout": 0.0, "filter_size": 5, "batch_norm": False},
+    "resnet": {"dropout": 0.0, "filter_size": 3, "batch_norm": True},
+    "resnet18": {"dropout": 0.0, "filter_size": 3, "batch_norm": True},
 }
 
 
+LossName = Literal["cross_entropy", "mse"]
+
+
 class TrainConfig(_Section):
+    """Training settings. An optimizer's own hyperparameters (OPTIMIZER_KEYS) default to
+    that optimizer's canonical values (OPTIMIZER_DEFAULTS), e.g. rmsprop's momentum is 0."""
+
     optimizer: OptimizerName = "adam"
     lr: float = Field(1e-3, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1, description="for momentum and rmsprop")
+    momentum: float | None = Field(None, ge=0, lt=1, description="momentum: 0.9, rmsprop: 0")
     nesterov: bool = Field(False, description="Nesterov momentum (optimizer: momentum)")
+    alpha: float = Field(0.99, gt=0, lt=1, description="rmsprop: smoothing of the squares")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam, adamw")
+    eps: float | None = Field(None, gt=0, le=1, description="adagrad: 1e-10; rmsprop, adam, "
+                              "adamw: 1e-8")
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(128, ge=1, le=65536)
     scheduler: Literal["none", "cosine"] = "none"
+    loss: LossName = Field("cross_entropy", description="the training cost; mse is the "
+                           "quadratic cost on softmax outputs. Reported losses are always "
+                           "cross-entropy")
     seed: int = Field(0, ge=0, le=MAX_SEED)
     eval_batch_size: int = Field(2048, ge=1)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"both betas must lie in [0, 1), but got {list(betas)}")
+        return betas
+
+    @model_validator(mode="after")
+    def _optimizer_defaults(self) -> TrainConfig:
+        for key, value in OPTIMIZER_DEFAULTS[self.optimizer].items():
+            if key not in self.model_fields_set:
+                self.__dict__[key] = value
+        return self
+
+
+# The one declaration of which optimizer-specific TrainConfig keys each optimizer reads;
+# every other train key (lr, weight_decay, batch_size, ...) is read by all of them.
+OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
+    "sgd": (),
+    "momentum": ("momentum", "nesterov"),
+    "rmsprop": ("momentum", "alpha", "eps"),
+    "adagrad": ("eps",),
+    "adam": ("betas", "eps"),
+    "adamw": ("betas", "eps"),
+}
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sgd": {"momentum": 0.0, "eps": 1e-8},
+    "momentum": {"momentum": 0.9, "eps": 1e-8},
+    "rmsprop": {"momentum": 0.0, "eps": 1e-8},
+    "adagrad": {"momentum": 0.0, "eps": 1e-10},
+    "adam": {"momentum": 0.0, "eps": 1e-8},
+    "adamw": {"momentum": 0.0, "eps": 1e-8},
+}
+OPTIMIZER_SPECIFIC = tuple(sorted({k for keys in OPTIMIZER_KEYS.values() for k in keys}))
 
 
 class TrialConfig(_Section):
@@ -192,10 +292,12 @@ class TrialConfig(_Section):
 
     def flat(self) -> dict[str, Any]:
         """`{"train.lr": 0.001, "model.filter_size": 3, ...}`, only the keys that matter."""
-        out: dict[str, Any] = {}
-        for section in ("dataset", "train"):
-            for key, value in _flatten(getattr(self, section).model_dump(), section).items():
-                out[key] = value
+        out: dict[str, Any] = dict(_flatten(self.dataset.model_dump(), "dataset"))
+        train = self.train.model_dump()
+        read = OPTIMIZER_KEYS[self.train.optimizer]
+        for key, value in train.items():
+            if key not in OPTIMIZER_SPECIFIC or key in read:
+                out[f"train.{key}"] = value
         model = self.model.model_dump()
         for key in ARCH_KEYS[self.model.arch]:
             out[f"model.{key}"] = model[key]
@@ -453,8 +555,10 @@ class StudySpec(_Section):
         """The fixed trial configuration as plain data, before any sampled value."""
         return {
             "dataset": self.dataset.model_dump(),
-            "model": self.model.model_dump(),
-            "train": self.train.model_dump(),
+            # Only what the file set: defaults that depend on the arch or the optimizer are
+            # derived again once a trial's values are in.
+            "model": self.model.model_dump(exclude_unset=True),
+            "train": self.train.model_dump(exclude_unset=True),
             "epochs": self.budget.epochs,
         }
 
@@ -608,8 +712,131 @@ def from_dict(data: Mapping[str, Any], *, file: str = "<study>", text: str | Non
         raise _config_error(exc, data, file, lines, prefix=()) from None
     spec._source = file
     spec._dimensions = _SpaceParser(spec, file, lines).parse(spec.space)
+    _check_keys_read(spec, file, lines)
     _check_combinations(spec, file, lines)
     return spec
+
+
+# --------------------------------------------------------------------------------------
+# Keys that mean something: each key set or searched is read by the arch/optimizer chosen
+# --------------------------------------------------------------------------------------
+# The keys whose value decides which other keys are read, and each one's declaration.
+SELECTORS: dict[str, tuple[str, Mapping[str, tuple[str, ...]]]] = {
+    "model.arch": ("arch", ARCH_KEYS),
+    "train.optimizer": ("optimizer", OPTIMIZER_KEYS),
+}
+
+
+def selector_of(key: str) -> str | None:
+    """The selector (`model.arch` or `train.optimizer`) that decides whether `key` is read;
+    None for keys every trial reads (dataset keys, train.lr, ...)."""
+    section, _, name = key.partition(".")
+    if section == "model" and name != "arch":
+        return "model.arch"
+    if section == "train" and name in OPTIMIZER_SPECIFIC:
+        return "train.optimizer"
+    return None
+
+
+def reads(selector: str, option: str, key: str) -> bool:
+    """Whether `option` of `selector` (an arch, an optimizer) reads the dotted `key`."""
+    return key.partition(".")[2] in SELECTORS[selector][1][option]
+
+
+@dataclass(frozen=True)
+class _SelectorChoice:
+    """A selector searched in the space: where it is, and whether its options carry
+    sub-spaces (so a key can move under the options that read it)."""
+
+    path: tuple[Any, ...]
+    branches: bool
+
+
+def _check_keys_read(spec: StudySpec, file: str, lines: _LineFinder) -> None:
+    """A fixed or searched key that the chosen arch or optimizer never reads is an error
+    (it would train the same model under different labels). Defaults never count: only
+    keys the file itself sets."""
+    fixed: dict[str, tuple[Any, ...]] = {"model.arch": (spec.model.arch,),
+                                         "train.optimizer": (spec.train.optimizer,)}
+    top, choices = _selector_context(spec.dimensions, ("space",), fixed, {})
+    for section in ("model", "train"):
+        for name in sorted(getattr(spec, section).model_fields_set):
+            key = f"{section}.{name}"
+            if selector_of(key) is not None:
+                _check_read(key, top, choices, (section, name), file, lines)
+    _check_block(spec.dimensions, ("space",), fixed, {}, file, lines)
+
+
+def _selector_context(dims: Iterable[Dimension], path: tuple[Any, ...],
+                      options: Mapping[str, tuple[Any, ...]],
+                      choices: Mapping[str, _SelectorChoice]
+                      ) -> tuple[dict[str, tuple[Any, ...]], dict[str, _SelectorChoice]]:
+    """The options each selector may take for the keys of a block (a selector searched in
+    the block itself may take any of its options) and the selector choices in force."""
+    options, choices = dict(options), dict(choices)
+    for dim in dims:
+        if dim.key in SELECTORS and isinstance(dim, ChoiceDim):
+            options[dim.key] = dim.options
+            choices[dim.key] = _SelectorChoice((*path, dim.key), bool(dim.branches))
+    return options, choices
+
+
+def _check_block(dims: tuple[Dimension, ...], path: tuple[Any, ...],
+                 outer: Mapping[str, tuple[Any, ...]],
+                 outer_choices: Mapping[str, _SelectorChoice], file: str,
+                 lines: _LineFinder) -> None:
+    options, choices = _selector_context(dims, path, outer, outer_choices)
+    for dim in dims:
+        dim_path = (*path, dim.key)
+        if selector_of(dim.key) is not None:
+            _check_read(dim.key, options, choices, dim_path, file, lines)
+        if isinstance(dim, ChoiceDim) and dim.branches:
+            for option, sub in dim.branches.items():
+                inner, inner_choices = dict(options), dict(choices)
+                if dim.key in SELECTORS:  # inside an option, the selector is that option
+                    inner[dim.key] = (option,)
+                    inner_choices.pop(dim.key, None)
+                _check_block(sub, (*dim_path, "choice", option), inner, inner_choices,
+                             file, lines)
+
+
+def _check_read(key: str, options_of: Mapping[str, tuple[Any, ...]],
+                choices: Mapping[str, _SelectorChoice], path: tuple[Any, ...], file: str,
+                lines: _LineFinder) -> None:
+    selector = selector_of(key)
+    assert selector is not None
+    options = options_of[selector]
+    readers = [o for o in options if reads(selector, o, key)]
+    if len(readers) == len(options):
+        return
+    what, declared = SELECTORS[selector]
+    skipped = [o for o in options if o not in readers]
+
+    def keys_of(option: Any) -> str:
+        return ", ".join(k for k in declared[option] if k != what) or "no keys of its own"
+
+    where = ".".join(str(p) for p in path)
+    choice = choices.get(selector)
+    if choice is None:
+        option = options[0]
+        others = [o for o in declared if reads(selector, o, key)]
+        message = (f"{key} is not read by {what} {option}, so trials would differ in a label "
+                   f"only; {what} {option} reads {keys_of(option)}")
+        if others:
+            message += f" ({key} is read by {what} {', '.join(others)})"
+        raise ConfigError(message + "; remove it", file=file, key=where,
+                          line=lines.find(path))
+    at = ".".join(str(p) for p in choice.path)
+    if not readers:
+        fix = f"no option of {at} reads it; remove it"
+    elif choice.branches:
+        fix = "move it under " + ", ".join(f"{at}.choice.{o}" for o in readers)
+    else:
+        fix = (f"give {at} sub-spaces ({{choice: {{{readers[0]}: {{...}}, ...}}}}) and move "
+               f"it under {', '.join(map(str, readers))}")
+    raise ConfigError(f"{key} is not read by {what} {', '.join(map(str, skipped))} of the "
+                      f"{selector} choice ({what} {skipped[0]} reads {keys_of(skipped[0])}); "
+                      f"{fix}", file=file, key=where, line=lines.find(path))
 
 
 def _check_combinations(spec: StudySpec, file: str, lines: _LineFinder) -> None:
@@ -701,7 +928,9 @@ def _field_annotation(key: str) -> Any:
     model: Any = _SEARCHABLE_SECTIONS[parts[0]]
     for part in parts[1:]:
         model = model.model_fields[part].annotation
-    return model
+    # `int | None` (a default derived from the arch or the optimizer) is an int key.
+    args = [a for a in getattr(model, "__args__", ()) if a is not type(None)]
+    return args[0] if len(args) == 1 and type(None) in model.__args__ else model
 
 
 class _SpaceParser:

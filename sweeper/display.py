@@ -222,3 +222,11 @@ def print_space(spec: StudySpec, rows: Sequence[Any], size: int | None,
     for values, reason in infeasible:
         where = ", ".join(f"{k}={v}" for k, v in values.items()) or "the fixed model"
         console.print(f"  - {where}: {reason}", markup=False, soft_wrap=True)
+
+
+def print_networks(networks: Sequence[tuple[str, str, int | None]], console: Console) -> None:
+    """`sweeper validate`: per arch option, the network its fixed values build."""
+    console.print("networks (at the fixed values; searched keys change them):")
+    for arch, layers, params in networks:
+        count = f"{params:,} params" if params is not None else "cannot be built"
+        console.print(f"  {arch}: {layers} ({count})", markup=False, soft_wrap=True)

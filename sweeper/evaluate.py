@@ -22,11 +22,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sweeper.train import cross_entropy_sum
+
 if TYPE_CHECKING:
     from sweeper.data import Split
 
-# Probabilities are clipped to [EPS, 1] before the log of the loss: a confident wrong
-# prediction costs -log(EPS) ≈ 27.6 instead of infinity.
+# For probabilities given as such (an ensemble's average), the loss is the cross-entropy of
+# those probabilities, clipped to [EPS, 1] before the log: a confident wrong prediction
+# costs -log(EPS) ≈ 27.6 instead of infinity. One model's loss comes from its logits
+# (`evaluate`), exactly as during training.
 EPS = 1e-12
 
 
@@ -45,7 +49,12 @@ class Evaluation:
 
 
 def predict_proba(model: nn.Module, x: Tensor, *, batch_size: int = 2048) -> Tensor:
-    """Softmax probabilities of `model` on `x`, float32 on the CPU.
+    """Softmax probabilities of `model` on `x`, float32 on the CPU (see `predict_logits`)."""
+    return torch.softmax(predict_logits(model, x, batch_size=batch_size), dim=1)
+
+
+def predict_logits(model: nn.Module, x: Tensor, *, batch_size: int = 2048) -> Tensor:
+    """The raw class scores of `model` on `x`, float32 on the CPU.
 
     Eval mode and no grad; bf16 autocast on CUDA, as in training. Batches are moved to the
     model's device one at a time, so `x` may live on the CPU while the model is on a GPU.
@@ -70,7 +79,7 @@ def predict_proba(model: nn.Module, x: Tensor, *, batch_size: int = 2048) -> Ten
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 with autocast:
                     logits = model(xb)
-                chunks.append(torch.softmax(logits.float(), dim=1))
+                chunks.append(logits.float())
     finally:
         model.train(was_training)
     if not chunks:
@@ -81,8 +90,15 @@ def predict_proba(model: nn.Module, x: Tensor, *, batch_size: int = 2048) -> Ten
 def evaluate(model: nn.Module, split: Split, *, classes: list[str],
              batch_size: int = 2048) -> Evaluation:
     """Score `model` on a split (validation or test)."""
-    probs = predict_proba(model, split.x, batch_size=batch_size)
-    return evaluate_probabilities(probs.numpy(), split.y.detach().cpu().numpy(), classes)
+    logits = predict_logits(model, split.x, batch_size=batch_size)
+    labels = split.y.detach().cpu()
+    result = evaluate_probabilities(torch.softmax(logits, dim=1).numpy(), labels.numpy(),
+                                    classes)
+    # The same cross-entropy as the per-epoch figures (log-softmax of the logits in float32),
+    # not the log of clipped probabilities: one definition of a model's loss.
+    if labels.numel():
+        result.metrics["loss"] = float(cross_entropy_sum(logits, labels)) / labels.numel()
+    return result
 
 
 def evaluate_probabilities(probs: np.ndarray, labels: np.ndarray,

@@ -75,6 +75,33 @@ def history_figure(history: Sequence[Mapping[str, float]]) -> go.Figure:
     return fig
 
 
+def histories_figure(histories: Mapping[str, Sequence[Mapping[str, float]]]) -> go.Figure:
+    """Several trials' training histories overlaid (a one-factor grid study at a glance):
+    loss and accuracy per epoch, one colour per trial, validation solid, training dashed."""
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "accuracy"))
+    palette = qualitative.Plotly
+    for index, (label, history) in enumerate(histories.items()):
+        color = palette[index % len(palette)]
+        epochs = [int(h.get("epoch", i + 1)) for i, h in enumerate(history)]
+        for col, metric in ((1, "loss"), (2, "accuracy")):
+            for split, dash in (("val", "solid"), ("train", "dash")):
+                values = [h.get(f"{split}_{metric}") for h in history]
+                if all(v is None for v in values):
+                    continue
+                fig.add_trace(go.Scatter(
+                    x=epochs, y=values, mode="lines+markers", name=f"{label} ({split})",
+                    legendgroup=label, showlegend=col == 2,
+                    line={"color": color, "dash": dash}), row=1, col=col)
+            fig.update_xaxes(title_text="epoch", row=1, col=col)
+    fig.update_layout(title="Training histories of the trials (validation solid, training "
+                            "dashed)", height=480, margin={"t": 80})
+    return fig
+
+
 def confusion_figure(confusion: np.ndarray | Sequence[Sequence[int]], classes: Sequence[str],
                      *, title: str = "Confusion matrix") -> go.Figure:
     """A heatmap of counts (rows: true class, columns: predicted), coloured by the share

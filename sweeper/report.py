@@ -59,11 +59,42 @@ def build_report(study: str, output: str | Path, *, storage: str | None = None,
                          f"differ to draw it")
     figures["architectures"] = plots.architecture_figure(_arch_rows(optuna_study),
                                                          objective=names[0])
+    figures.update(_trial_histories(optuna_study, tracking_uri, notes))
     figures.update(_best_trial_figures(best, tracking_uri, notes))
     target = Path(output)
     plots.write_page(target, figures, title=f"sweeper report: {optuna_study.study_name}",
                      intro=_intro(optuna_study, best, names))
     return ReportSummary(target, list(figures), best, notes)
+
+
+# Up to this many completed trials, their training histories are overlaid in one figure
+# (a grid study's one-factor comparison); beyond it the figure would be unreadable.
+MAX_OVERLAID = 12
+
+
+def _trial_histories(study: optuna.Study, tracking_uri: str | None,
+                     notes: list[str]) -> dict[str, go.Figure]:
+    from sweeper.results import trial_results
+    from sweeper.tracking.reader import TrackingReader
+
+    done = [t for t in trial_results(study, tracking_uri=tracking_uri)
+            if t.state == "COMPLETE" and t.run_id]
+    if not 2 <= len(done) <= MAX_OVERLAID:
+        return {}
+    reader = TrackingReader(tracking_uri)
+    histories: dict[str, list[dict[str, float]]] = {}
+    try:
+        for trial in done:
+            assert trial.run_id is not None
+            label = f"#{trial.number} " + ", ".join(
+                f"{k.split('.')[-1]}={v}" for k, v in trial.params.items())
+            history = reader.history(trial.run_id)
+            if history:
+                histories[label] = history
+    except SweeperError as exc:
+        notes.append(f"trial histories: {exc}")
+        return {}
+    return {"trial_histories": plots.histories_figure(histories)} if histories else {}
 
 
 def _arch_rows(study: optuna.Study) -> list[tuple[str, str, float | None]]:

@@ -111,8 +111,8 @@ def ensemble(study: str, top: int = 5, *, storage: str | None = None,
              device: str | None = None, log: bool = True) -> EnsembleScore:
     """The `top` best completed trials that logged a model vote on the test split, by
     soft voting (mean probability) and hard voting (majority class, ties broken by the
-    mean probability). With `log`, the result is an `ensemble` run under the study's
-    parent run.
+    mean probability; it gives labels only, so it has no AUC and no loss).
+    With `log`, the result is an `ensemble` run under the study's parent run.
 
     >>> score = ensemble("digits-smoke", top=3, log=False)
     >>> [m.number for m in score.members] == [t.number for t in best_trials("digits-smoke",
@@ -154,11 +154,19 @@ def ensemble(study: str, top: int = 5, *, storage: str | None = None,
         member_metrics.append(evaluate_probabilities(probs, labels, classes).metrics)
     assert labels is not None and classes is not None
     soft = evaluate_probabilities(soft_vote(probabilities), labels, classes).metrics
-    hard = evaluate_probabilities(hard_vote(probabilities), labels, classes).metrics
+    hard = _label_metrics(evaluate_probabilities(hard_vote(probabilities), labels,
+                                                 classes).metrics)
     score = EnsembleScore(members, member_metrics, soft, hard, skipped)
     if log:
         score.run_id = _log_ensemble(score, storage=storage, tracking_uri=tracking_uri)
     return score
+
+
+def _label_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics of predicted labels only: a hard vote gives vote shares, not class
+    probabilities, so a ROC curve, an AUC or a cross-entropy of them would measure the
+    tie-breaking nudge rather than a model. Accuracy, precision, recall and F1 remain."""
+    return {k: v for k, v in metrics.items() if not k.startswith("auc_") and k != "loss"}
 
 
 def soft_vote(probabilities: list[np.ndarray]) -> np.ndarray:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 # Keys whose values decide layer shapes; `validate` looks for infeasible corners in them.
 _SHAPE_KEYS = ("model.arch", "model.filter_size", "model.padding", "model.pool",
-               "model.channels")
+               "model.channels", "model.pool_blocks", "model.blocks", "model.shortcut")
 _MAX_CORNERS = 4096
 
 
@@ -164,6 +164,28 @@ def describe(spec: StudySpec) -> list[DimensionInfo]:
 def size(spec: StudySpec) -> int | None:
     """Points in the space (the grid size); None when any active dimension is continuous."""
     return space_size(spec.dimensions) if spec.dimensions else 1
+
+
+def networks(spec: StudySpec) -> list[tuple[str, str, int | None]]:
+    """Per arch the study may train: (arch, its layers, parameter count), at the fixed
+    values and each arch's defaults (None and the reason when it cannot be built)."""
+    archs: list[Any] = [spec.model.arch]
+    for dim in walk_space(spec.dimensions):
+        if dim.key == "model.arch" and isinstance(dim, ChoiceDim):
+            archs = list(dim.options)
+            break
+    out: list[tuple[str, str, int | None]] = []
+    shape = spec.dataset.input_shape
+    for arch in archs:
+        config = spec.resolve({"model.arch": arch})
+        try:
+            layers = shapes.plan(config.model, shape, spec.dataset.num_classes)
+        except InfeasibleConfig as exc:
+            out.append((str(arch), str(exc), None))
+            continue
+        path = " → ".join([f"input {'x'.join(map(str, shape))}", *map(str, layers)])
+        out.append((str(arch), path, shapes.parameter_count(layers)))
+    return out
 
 
 def infeasible_corners(spec: StudySpec, limit: int = 20) -> list[tuple[dict[str, Any], str]]:

@@ -495,7 +495,8 @@ class Worker:
 
         data = self.dataset(config.dataset)
         seed_everything(config.train.seed)  # the same seed gives the same initial weights
-        model = build_model(config.model, data.input_shape, data.num_classes)
+        model = build_model(config.model, data.input_shape, data.num_classes,
+                            data_dir=self.options.data_dir)
         objectives = self.spec.objective_list
         pruning = self.spec.pruner.name != "none"
         watched = objectives[0].metric

@@ -89,12 +89,15 @@ def resolve_device(name: str | None = None) -> torch.device:
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer `cfg.optimizer` names, with `cfg.lr` and `cfg.weight_decay` on all.
 
+    Each optimizer reads its own keys only (`config.OPTIMIZER_KEYS`), whose defaults are
+    that optimizer's canonical values (`config.OPTIMIZER_DEFAULTS`):
+
     - sgd: plain SGD, no momentum.
-    - momentum: SGD with `cfg.momentum`; `cfg.nesterov` turns on Nesterov momentum (only
-      when momentum > 0, since torch rejects Nesterov without momentum).
-    - rmsprop: RMSprop with `cfg.momentum` as its momentum (the config documents momentum
-      as "for momentum and rmsprop"; search momentum 0 for the classic RMSprop).
-    - adagrad, adam: torch defaults besides lr; weight decay is the coupled L2 penalty.
+    - momentum: SGD with `cfg.momentum` (0.9); `cfg.nesterov` turns on Nesterov momentum
+      (only when momentum > 0, since torch rejects Nesterov without momentum).
+    - rmsprop: RMSprop with `cfg.alpha` (0.99), `cfg.eps` (1e-8) and `cfg.momentum` (0).
+    - adagrad: `cfg.eps` (1e-10). adam: `cfg.betas` (0.9, 0.999), `cfg.eps` (1e-8); weight
+      decay is the coupled L2 penalty.
     - adamw: decoupled weight decay of exactly `cfg.weight_decay` (0 unless set, not
       torch's 0.01 default, so that the study file stays the single source of defaults).
 
@@ -104,21 +107,46 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     lr, wd = cfg.lr, cfg.weight_decay
     name = cfg.optimizer
+    momentum = float(cfg.momentum or 0.0)
+    eps = float(cfg.eps or 1e-8)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=wd)
     if name == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd,
-                               nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd,
+                               nesterov=cfg.nesterov and momentum > 0)
     if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+        return torch.optim.RMSprop(params, lr=lr, alpha=cfg.alpha, eps=eps,
+                                   momentum=momentum, weight_decay=wd)
     if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adagrad(params, lr=lr, eps=eps, weight_decay=wd)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, betas=cfg.betas, eps=eps, weight_decay=wd)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, eps=eps, weight_decay=wd)
     raise SweeperError(f"unknown optimizer {name!r}; choose one of sgd, momentum, rmsprop, "
                        f"adagrad, adam, adamw")
+
+
+# --------------------------------------------------------------------------------------
+# Loss: one definition for training figures, per-epoch and final validation and test
+# --------------------------------------------------------------------------------------
+def cross_entropy_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of `logits` against labels: log-softmax in float32.
+
+    The one definition of every reported loss (train_loss, per-epoch and final val_loss,
+    test_loss): divide by the number of images for the mean.
+    """
+    return F.cross_entropy(logits.float(), y, reduction="sum")
+
+
+def training_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """The mean cost minimised: cross-entropy, or (`mse`) the quadratic cost
+    1/2 ||softmax(z) - onehot(y)||^2 of the lecture notes, averaged over the batch."""
+    if loss == "mse":
+        probs = torch.softmax(logits.float(), dim=1)
+        target = F.one_hot(y, probs.shape[1]).float()
+        return 0.5 * ((probs - target) ** 2).sum(dim=1).mean()
+    return cross_entropy_sum(logits, y) / y.shape[0]
 
 
 def seed_everything(seed: int) -> None:
@@ -199,13 +227,15 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: int,
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
                 logits = model(x)
-                loss = F.cross_entropy(logits, y)
+            loss = training_loss(logits, y, cfg.loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            loss_sum += loss.detach().float() * y.shape[0]
+            # The reported training loss is the cross-entropy whatever cost is minimised.
+            loss_sum += (loss.detach() * y.shape[0] if cfg.loss == "cross_entropy"
+                         else cross_entropy_sum(logits.detach(), y))
             correct += (logits.detach().argmax(dim=1) == y).sum()
 
         # -- validate: eval mode, no grad, large batches ---------------------------------
@@ -252,7 +282,7 @@ def _validate(model: nn.Module, split: Split, batch_size: int,
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
                 logits = model(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            loss_sum += cross_entropy_sum(logits, y)
             correct += (logits.argmax(dim=1) == y).sum()
     return loss_sum, correct
 

@@ -133,9 +133,9 @@ def best_lines(results: Sequence[TrialResult], objectives: Sequence[str]) -> lis
 # --------------------------------------------------------------------------------------
 # Scores
 # --------------------------------------------------------------------------------------
-def evaluation_table(score: TrialScore) -> Table:
-    table = Table(title=f"trial #{score.trial.number} of {score.trial.study} on its test "
-                        f"split", title_justify="left")
+def evaluation_table(score: TrialScore, title: str | None = None) -> Table:
+    table = Table(title=title or f"trial #{score.trial.number} of {score.trial.study} on its "
+                                 f"test split", title_justify="left")
     for column in ("metric", "now", "logged", "difference"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     differences = score.differences()

@@ -144,8 +144,8 @@ BAD_INPUTS = [
                  ":2: dataset.name: 'mnsit' is not one of mnist, fashion_mnist, kmnist, cifar10, "
                  "digits, synthetic (did you mean 'mnist'?)", id="unknown-dataset"),
     pytest.param(MINIMAL + "model: {arch: resnett}\n",
-                 ":3: model.arch: 'resnett' is not one of mlp, cnn, lenet, resnet (did you mean "
-                 "'resnet'?)", id="unknown-arch"),
+                 ":3: model.arch: 'resnett' is not one of mlp, cnn, lenet, resnet, resnet18 "
+                 "(did you mean 'resnet'?)", id="unknown-arch"),
     pytest.param(MINIMAL + "sampler: {name: tpee}\n",
                  ":3: sampler.name: 'tpee' is not one of tpe, random, grid, cmaes, gp, qmc, "
                  "nsga2 (did you mean 'tpe'?)", id="unknown-sampler"),

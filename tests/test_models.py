@@ -341,3 +341,30 @@ def test_models_imports_no_optuna_mlflow_or_data() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("values", [
+    {"activation": "leaky_relu", "pooling": "avg"},
+    {"channels": [8, 16, 16], "pool_blocks": [1, 2], "head": [12]},
+    {"channels": [8, 16], "pool_blocks": [2], "batch_norm": True, "padding": "same"},
+    {"arch": "mlp", "hidden": [16, 8], "batch_norm": True, "activation": "gelu"},
+    {"arch": "resnet", "batch_norm": False, "head": [12]},
+    {"arch": "resnet", "blocks": 2, "width": 8},
+    {"arch": "resnet", "shortcut": "long", "width": 8, "batch_norm": False, "head": [16]},
+    {"arch": "resnet", "shortcut": "long", "width": 8, "blocks": 2},
+], ids=["cnn-leaky-avg", "cnn-pool-blocks-head", "cnn-bn-last-pool", "mlp-bn", "resnet-no-bn",
+        "resnet-2-blocks", "resnet-long", "resnet-long-bn-2"])
+@pytest.mark.parametrize("input_shape", [MNIST, CIFAR], ids=["mnist", "cifar"])
+def test_new_options_match_their_plan_and_parameter_count(
+        values: dict[str, Any], input_shape: tuple[int, int, int]) -> None:
+    from sweeper.shapes import parameter_count
+
+    cfg = ModelConfig(**values)
+    model = build_model(cfg, input_shape, 10)
+    check_against_plan(model, cfg, input_shape, train=True)
+    assert parameter_count(plan(cfg, input_shape, 10)) == count_parameters(model)
+
+
+def test_long_shortcut_too_deep_is_one_line() -> None:
+    with pytest.raises(InfeasibleConfig, match=r"^model\.blocks=4: post3\.pool "):
+        build_model(ModelConfig(arch="resnet", shortcut="long", blocks=4), MNIST, 10)

@@ -20,7 +20,7 @@ runner = CliRunner()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FIGURES = ("optimization_history", "param_importances", "parallel_coordinate",
            "architectures", "best_trial_history", "best_trial_confusion_matrix",
-           "best_trial_roc")
+           "best_trial_roc", "trial_histories")
 
 
 def stores(root: Path) -> list[str]:
@@ -34,7 +34,7 @@ def test_report_holds_the_search_the_architectures_and_the_best_trial(
     shown = runner.invoke(app, ["report", "digits-smoke", "-o", str(target),
                                 *stores(digits_smoke)])
     assert shown.exit_code == 0, shown.output
-    assert f"wrote {target}" in shown.output and "7 figures" in shown.output
+    assert f"wrote {target}" in shown.output and "8 figures" in shown.output
     page = target.read_text()
     for name in FIGURES:
         assert f'id="{name}"' in page, name

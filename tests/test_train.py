@@ -180,3 +180,30 @@ def test_train_module_never_imports_optuna_or_mlflow() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module.split(".")[0])
     assert not names & {"optuna", "mlflow"}
+
+
+def test_per_epoch_and_final_loss_agree(data: Dataset) -> None:
+    """One definition of the loss: the last epoch's val_loss is the final val_loss of the
+    same model on the same images, even where a probability underflows."""
+    from sweeper.evaluate import evaluate
+
+    # A large lr makes a few confident mistakes, whose softmax underflows in float32.
+    model = _model(data)
+    result = fit(model, data, TrainConfig(lr=3e-2, batch_size=64), epochs=2, device=CPU)
+    final = evaluate(model, data.val, classes=data.classes).metrics["loss"]
+    assert final == pytest.approx(result.history[-1]["val_loss"], rel=1e-5)
+
+
+def test_mse_loss_trains_and_reports_cross_entropy(data: Dataset) -> None:
+    from sweeper.evaluate import evaluate
+
+    model = _model(data)
+    cfg = TrainConfig(lr=1e-2, batch_size=64, loss="mse")
+    result = fit(model, data, cfg, epochs=2, device=CPU)
+    assert result.history[-1]["val_accuracy"] > 0.9
+    # What is reported is the cross-entropy, whichever cost was minimised.
+    final = evaluate(model, data.val, classes=data.classes).metrics["loss"]
+    assert final == pytest.approx(result.history[-1]["val_loss"], rel=1e-5, abs=1e-7)
+    other = _model(data)
+    ce = fit(other, data, TrainConfig(lr=1e-2, batch_size=64), epochs=2, device=CPU)
+    assert ce.history[0]["train_loss"] != result.history[0]["train_loss"]
