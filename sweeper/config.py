@@ -161,7 +161,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(128, ge=1, le=65536)
     scheduler: Literal["none", "cosine"] = "none"
     seed: int = 0
-    eval_batch_size: int = Field(2048, ge=1)
+    eval_batch_size: int | None = Field(
+        None, ge=1, description="batch size of validation and test passes; default: "
+                                "measured per device (sweeper.evaluate.EVAL_BATCH_SIZE)")
 
 
 class TrialConfig(_Section):

@@ -18,6 +18,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,10 +246,9 @@ class Worker:
     def run(self) -> RunReport:
         spec, options = self.spec, self.options
         # An unreachable tracking store, then a missing dataset: both are the user's to fix,
-        # before any study is written.
-        if self.tracker is not None:
-            self.tracker.check()
-        self.dataset(spec.dataset)
+        # before any study is written. The store is checked (a fresh one created: seconds
+        # of MLflow migrations) while the dataset loads, off the way to the first batch.
+        self._check_tracking_while(lambda: self.dataset(spec.dataset))
         study, created = open_or_create(spec, options.storage)
         if not (created or options.keep_seed):
             # Another worker, or an earlier run, already draws from the file's seed: the
@@ -303,6 +303,21 @@ class Worker:
             self.progress("end", {"study": study, "stopped_by": stopped_by})
         return RunReport(spec.name, options.storage, outcomes, finished_before, target,
                          stopped_by, message)
+
+    def _check_tracking_while(self, load: Callable[[], object]) -> None:
+        """`load()` with the tracker's check running beside it on a thread; a tracking
+        problem is raised first, as if checked before."""
+        if self.tracker is None:
+            load()
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sweeper-check") as pool:
+            checked = pool.submit(self.tracker.check)
+            try:
+                load()
+            except BaseException:
+                checked.result()
+                raise
+            checked.result()
 
     def _stop_reason(self, study: optuna.Study, queries: StudyQueries, ran: int,
                      target: int | None, started: float, timeout: float | None
@@ -428,7 +443,7 @@ class Worker:
         """The default objective: build, fit (reporting each epoch), evaluate, log."""
         import optuna
 
-        from sweeper.evaluate import evaluate, prefixed
+        from sweeper.evaluate import evaluate, evaluate_probabilities, prefixed
         from sweeper.models import build_model, count_parameters
         from sweeper.train import fit, seed_everything
 
@@ -456,8 +471,11 @@ class Worker:
             last = result.history[-1]
             raise optuna.TrialPruned(f"pruned at epoch {int(last['epoch'])} "
                                      f"({watched}={last[watched]:.4g})")
-        val = evaluate(model, data.val, classes=data.classes,
-                       batch_size=config.train.eval_batch_size)
+        # Validation: the last epoch's pass already holds its probabilities. Test: once,
+        # here, for a completed trial only.
+        assert result.val_probabilities is not None
+        val = evaluate_probabilities(result.val_probabilities.cpu().numpy(),
+                                     data.val.y.cpu().numpy(), data.classes)
         test = evaluate(model, data.test, classes=data.classes,
                         batch_size=config.train.eval_batch_size)
         metrics = {**prefixed(val.metrics, "val"), **prefixed(test.metrics, "test"),

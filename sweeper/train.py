@@ -37,6 +37,7 @@ from sweeper.config import AugmentConfig, TrainConfig
 from sweeper.data import augment as augment_batch
 from sweeper.data import batches
 from sweeper.errors import Diverged, SweeperError
+from sweeper.evaluate import eval_batch_size
 
 if TYPE_CHECKING:
     from sweeper.data import Dataset, Split
@@ -54,6 +55,9 @@ class FitResult:
     history: list[dict[str, float]]
     stopped_early: bool  # the hook asked to stop (a pruned trial)
     train_seconds: float  # wall time of the whole fit, validation passes included
+    # Softmax probabilities (N_val, K) of the last epoch's validation pass, on the device:
+    # the final evaluation of the validation split is these, not a second forward pass.
+    val_probabilities: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -180,8 +184,10 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: int,
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=epochs * steps_per_epoch)
 
+    eval_batch = eval_batch_size(device, cfg.eval_batch_size)
     history: list[dict[str, float]] = []
     stopped_early = False
+    val_probabilities = None
     for epoch in range(1, epochs + 1):
         epoch_started = time.perf_counter()
         lr = float(optimizer.param_groups[0]["lr"])
@@ -208,9 +214,9 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: int,
             loss_sum += loss.detach().float() * y.shape[0]
             correct += (logits.detach().argmax(dim=1) == y).sum()
 
-        # -- validate: eval mode, no grad, large batches ---------------------------------
-        val_loss_sum, val_correct = _validate(model, val, cfg.eval_batch_size, autocast,
-                                              channels_last)
+        # -- validate: eval and inference mode, the device's evaluation batch size -------
+        val_loss_sum, val_correct, val_probabilities = _validate(
+            model, val, eval_batch, autocast, channels_last)
 
         # -- sync once, check for divergence ---------------------------------------------
         train_loss, train_hits, val_loss, val_hits = torch.stack(
@@ -236,17 +242,20 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: int,
             break
 
     return FitResult(history=history, stopped_early=stopped_early,
-                     train_seconds=time.perf_counter() - started)
+                     train_seconds=time.perf_counter() - started,
+                     val_probabilities=val_probabilities)
 
 
 def _validate(model: nn.Module, split: Split, batch_size: int,
               autocast: contextlib.AbstractContextManager[object], channels_last: bool
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy and correct count over a split, as device tensors (no sync)."""
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy, correct count and softmax probabilities over a split, as
+    device tensors (no sync)."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float32, device=split.y.device)
     correct = torch.zeros((), dtype=torch.int64, device=split.y.device)
-    with torch.no_grad():
+    probabilities = []
+    with torch.inference_mode():
         for x, y in batches(split, batch_size, shuffle=False):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -254,7 +263,8 @@ def _validate(model: nn.Module, split: Split, batch_size: int,
                 logits = model(x)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
             correct += (logits.argmax(dim=1) == y).sum()
-    return loss_sum, correct
+            probabilities.append(torch.softmax(logits.float(), dim=1))
+    return loss_sum, correct, torch.cat(probabilities)
 
 
 def _has_conv(model: nn.Module) -> bool:

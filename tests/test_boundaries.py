@@ -24,6 +24,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "train": {"optuna", "mlflow"},
     "evaluate": {"optuna", "mlflow"},
     "plots": {"mlflow", "torch"},
+    "images": {"mlflow", "torch", "optuna", "plotly"},
     "study": {"mlflow"},
     "results": {"mlflow", "sweeper.train"},
     "scoring": {"mlflow", "optuna"},
