@@ -188,18 +188,19 @@ def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path: Path, storage: s
                              storage, "--device", "cpu"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
+        # No deadline of its own (a busy machine only makes it slower): the trial starts,
+        # or the process ends, or pytest's timeout stops the test.
         running = False
-        while time.monotonic() < deadline and not running:
+        while proc.poll() is None and not running:
             time.sleep(0.5)
             try:
                 study = optuna.load_study(study_name="tiny", storage=storage)
                 running = any(t.state.name == "RUNNING" for t in study.trials)
             except KeyError:
                 continue
-        assert running, "a trial started"
+        assert running, f"a trial started: {proc.communicate()}"
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -209,6 +210,7 @@ def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path: Path, storage: s
     assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_readme_quickstart_on_real_mnist(mnist_dir: Path, tmp_path: Path) -> None:
     """The README's first command, as written, in a fresh folder: the quick start study on
     the real MNIST with the default local storage."""

@@ -243,7 +243,9 @@ class MlflowTracker:
                 study.set_user_attr(ATTR_EXPERIMENT, self.experiment_id)
                 if parent.info.status != "RUNNING":  # resumed: the study runs again
                     self.client.update_run(self.parent_run_id, status="RUNNING")
-                self._describe_parent(parent, spec)
+                # Params, tags and the study file: nothing waits for them, so the first
+                # trial starts while they upload.
+                self.queue("describe the parent run", self._describe_parent, parent, spec)
             except TrackingError:
                 raise
             except Exception as exc:
