@@ -212,6 +212,7 @@ def _status(url: str, host: str) -> int:
         return exc.code
 
 
+@pytest.mark.slow
 def test_compose_server_command_serves_postgresql(postgres_db: str, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 

@@ -237,6 +237,7 @@ def test_logged_model_reproduces_the_test_accuracy(three_trials: dict[str, Any])
     assert result.metrics["accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_logged_model_serves_over_http(three_trials: dict[str, Any], tmp_path: Path) -> None:
     """`mlflow models serve` (the pyfunc flavour, this environment) answers /invocations with
     the logits the torch model gives for the stored input example."""

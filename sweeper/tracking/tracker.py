@@ -372,7 +372,7 @@ class MlflowTracker:
         """
         self._close_unreported("sweeper did not report how this trial ended")
         with self.timed("trial.wait"):
-            while len(self._behind) > MAX_TRIALS_BEHIND - 1:
+            while len(self._behind) > MAX_TRIALS_BEHIND:
                 self._behind.popleft().wait()
         run = TrialRun(self, trial, config)
         with self.timed("trial.open"):
