@@ -149,3 +149,20 @@ def test_metrics_and_curves_match_scikit_learn(seed: int) -> None:
     np.testing.assert_allclose(ev.roc["micro"][0], fpr)
     assert ev.metrics["auc_micro"] == pytest.approx(sk.roc_auc_score(onehot.ravel(),
                                                                      probs.ravel()))
+
+
+def test_eval_batch_size_is_chosen_per_device_and_changes_no_result() -> None:
+    from sweeper.evaluate import EVAL_BATCH_SIZE, eval_batch_size
+
+    assert eval_batch_size("cpu") == EVAL_BATCH_SIZE["cpu"]
+    assert eval_batch_size(torch.device("cuda", 0)) == EVAL_BATCH_SIZE["cuda"]
+    assert eval_batch_size("cpu", 7) == 7
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        eval_batch_size("cpu", 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4))
+    x = torch.randn(37, 1, 8, 8)
+    whole = predict_proba(model, x, batch_size=64)
+    torch.testing.assert_close(predict_proba(model, x), whole)
+    torch.testing.assert_close(predict_proba(model, x, batch_size=5), whole)
+    assert whole.shape == (37, 4) and whole.device.type == "cpu"

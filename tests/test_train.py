@@ -180,3 +180,20 @@ def test_train_module_never_imports_optuna_or_mlflow() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module.split(".")[0])
     assert not names & {"optuna", "mlflow"}
+
+
+def test_last_validation_is_the_final_evaluation_of_the_validation_split(data: Dataset
+                                                                         ) -> None:
+    """fit keeps the last epoch's validation probabilities: the trial's final validation
+    metrics come from them, with no second forward pass, and they are the model's own."""
+    from sweeper.evaluate import predict_proba
+
+    cnn = ModelConfig(arch="cnn", channels=[4], filter_size=3, padding="same", dropout=0.3)
+    model = _model(data, cnn)
+    result = fit(model, data, TrainConfig(lr=1e-3, batch_size=64), epochs=2, device=CPU)
+    assert result.val_probabilities is not None
+    assert result.val_probabilities.shape == (len(data.val), data.num_classes)
+    again = predict_proba(model, data.val.x)
+    torch.testing.assert_close(result.val_probabilities, again)
+    accuracy = float((again.argmax(dim=1) == data.val.y).float().mean())
+    assert accuracy == pytest.approx(result.history[-1]["val_accuracy"])
