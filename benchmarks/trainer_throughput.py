@@ -14,9 +14,10 @@ sweeper's train split unless --subset) and torch thread count, in the same proce
       and index gathers, augmentation off) over the same split, divided by sweeper's
       training epoch time.
 
-Every variant is warmed up (a few batches) and then timed `--repeats` times, interleaved,
-and the best (shortest) time of each counts: on a shared machine other processes only ever
-make a run slower, so the minimum is the least disturbed estimate.
+Every variant is warmed up (a few batches) and then timed `--repeats` times, interleaved.
+The median of each is the headline, the best (shortest) beside it: on a shared machine other
+processes only ever make a run slower, so the best is the least disturbed estimate and the
+median the typical one; the load average is printed before and after.
 
     .venv/bin/python benchmarks/trainer_throughput.py [--data-dir ../shared/data]
         [--epochs 1] [--subset N] [--repeats 3] [--threads T]
@@ -28,6 +29,7 @@ import argparse
 import copy
 import dataclasses
 import os
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,11 +61,12 @@ def main() -> None:
     samples = n * args.epochs
     torch.manual_seed(0)
     initial = build_model(ModelConfig(), data.input_shape, data.num_classes)
+    load_before = _load()
     print(f"device: {device} | torch {torch.__version__} | torch threads: {threads} | "
-          f"cpu cores: {os.cpu_count()} | load average: {_load()}")
+          f"cpu cores: {os.cpu_count()} | load average: {load_before}")
     print(f"model: default cnn, {sum(p.numel() for p in initial.parameters()):,} params | "
           f"adam lr {LR} | batch {BATCH_SIZE} | {n:,} training images x {args.epochs} "
-          f"epoch(s) | best of {args.repeats}")
+          f"epoch(s) | {args.repeats} interleaved runs each")
 
     # -- the contenders -------------------------------------------------------------------
     # sweeper: validation over a single image, so the epoch is (almost) all training; the
@@ -112,26 +115,30 @@ def main() -> None:
 
     # -- report -------------------------------------------------------------------------
     best = {name: min(ts) for name, ts in times.items()}
+    median = {name: statistics.median(ts) for name, ts in times.items()}
     print()
-    print(f"{'loop':34s} {'best s':>8s} {'samples/s':>10s}   all runs (s)")
+    print(f"{'loop':34s} {'median s':>9s} {'samples/s':>10s} {'best s':>8s} {'samples/s':>10s}"
+          f"   all runs (s)")
     for name, ts in times.items():
-        print(f"{name:34s} {best[name]:8.2f} {samples / best[name]:10,.0f}   "
+        print(f"{name:34s} {median[name]:9.2f} {samples / median[name]:10,.0f} "
+              f"{best[name]:8.2f} {samples / best[name]:10,.0f}   "
               f"{', '.join(f'{t:.2f}' for t in ts)}")
     tutorial_names = [name for name in contenders if name.startswith("tutorial")]
-    baseline = min(tutorial_names, key=lambda name: best[name])
-    sweeper_s = best["sweeper fit (tensors on device)"]
+    baseline = min(tutorial_names, key=lambda name: median[name])
+    sweeper_name = "sweeper fit (tensors on device)"
     print()
-    print(f"baseline: {baseline} (the faster tutorial variant)")
+    print(f"baseline: {baseline} (the faster tutorial variant by median)")
     print("sweeper's time excludes validation (a one-image validation split); the share "
           "outside the model is batch-iteration-only time / sweeper training time")
-    print(f"load average after: {_load()}")
+    print(f"load average before: {load_before} | after: {_load()}")
     # This run itself keeps about `threads` cores busy; more than that is someone else.
     if os.getloadavg()[0] > threads + 0.75:
-        print("warning: other processes used the CPU during the run; the best-of figures "
-              "above are less reliable (rerun on an idle machine, or with more --repeats)")
-    print(f"speedup vs tutorial loop: {best[baseline] / sweeper_s:.2f}x (floor 1.3x)")
-    print(f"time outside the model: {100 * best['sweeper batch iteration only'] / sweeper_s:.1f}%"
-          f" (floor 5%)")
+        print("warning: other processes used the CPU during the run; the figures above are "
+              "less reliable (rerun on an idle machine, or with more --repeats)")
+    print(f"speedup vs tutorial loop: median {median[baseline] / median[sweeper_name]:.2f}x, "
+          f"best {best[baseline] / best[sweeper_name]:.2f}x (floor 1.3x)")
+    outside = median["sweeper batch iteration only"] / median[sweeper_name]
+    print(f"time outside the model: {100 * outside:.1f}% (median; floor 5%)")
 
 
 def _tutorial_dataset(data_dir: Path, n: int) -> torch.utils.data.Dataset:
@@ -187,7 +194,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--subset", type=int, default=None,
                         help="train on at most this many images (default: all 54,000)")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs per loop, interleaved; the best counts")
+                        help="timed runs per loop, interleaved; median and best shown")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both loops (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")

@@ -244,7 +244,9 @@ class TrainConfig(_Section):
                            "quadratic cost on softmax outputs. Reported losses are always "
                            "cross-entropy")
     seed: int = Field(0, ge=0, le=MAX_SEED)
-    eval_batch_size: int = Field(2048, ge=1)
+    eval_batch_size: int | None = Field(
+        None, ge=1, description="batch size of validation and test passes; default: "
+                                "measured per device (sweeper.evaluate.EVAL_BATCH_SIZE)")
 
     @field_validator("betas")
     @classmethod
@@ -316,12 +318,16 @@ class TrialConfig(_Section):
 # --------------------------------------------------------------------------------------
 # Budget, objective, sampler, pruner
 # --------------------------------------------------------------------------------------
+_BARE_SECONDS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*$")  # "420" -> "420s"
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*"
                        r"(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
 
 
 def parse_duration(value: Any) -> float | None:
-    """Seconds from `90`, `"90s"`, `"30m"`, `"1h30m"` or None; ValueError otherwise."""
+    """Seconds from `90`, `"90"`, `"90s"`, `"30m"`, `"1h30m"` or None; ValueError otherwise.
+
+    A bare number is seconds, whether YAML gives it as a number or the command line as
+    text (`--timeout 420`)."""
     if value is None or isinstance(value, bool):
         if value is None:
             return None
@@ -329,7 +335,7 @@ def parse_duration(value: Any) -> float | None:
     if isinstance(value, int | float):
         seconds = float(value)
     else:
-        match = _DURATION.match(str(value))
+        match = _DURATION.match(_BARE_SECONDS.sub(r"\1s", str(value)))
         if not match or not any(match.groups()):
             raise ValueError(f"expected a duration such as 90, '90s', '30m' or '2h', "
                              f"but got {_brief(value)}")

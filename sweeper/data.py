@@ -38,6 +38,7 @@ from sweeper.config import AugmentConfig, DatasetConfig, SyntheticConfig
 from sweeper.errors import DataError
 
 DATA_DIR_ENV = "SWEEPER_DATA_DIR"
+CACHE_DIR_ENV = "SWEEPER_CACHE_DIR"
 DOWNLOAD_TIMEOUT_S = 20.0  # per socket operation, so an unreachable mirror fails, not hangs
 
 # name in the study file -> (torchvision class and folder, where the files come from)
@@ -364,12 +365,16 @@ def _load_raw(name: str, root: str, download: bool, seed: int, synthetic: str) -
 
 
 def _load_mnist_family(name: str, root: Path, download: bool) -> _Raw:
-    import torchvision
-
     folder, origin = _MNIST_FAMILY[name]
-    cls = getattr(torchvision.datasets, folder)
     raw_dir = root / folder / "raw"
     _unpack_gz(raw_dir, _MNIST_FILES)
+    decoded = _decoded_cache(folder, raw_dir, _MNIST_FILES)
+    raw = decoded.read() if decoded is not None else None
+    if raw is not None:
+        return raw
+    import torchvision
+
+    cls = getattr(torchvision.datasets, folder)
     legacy = root / folder / "processed"
     has_legacy = (legacy / "training.pt").is_file() and (legacy / "test.pt").is_file()
     if not has_legacy and _missing(raw_dir, _MNIST_FILES):
@@ -397,12 +402,21 @@ def _load_mnist_family(name: str, root: Path, download: bool) -> _Raw:
         if problem:
             raise DataError(f"{folder} in {raw_dir} holds unexpected {part} data: {problem}; "
                             f"replace {part}-images-idx3-ubyte and {part}-labels-idx1-ubyte")
-    return _Raw(torch.as_tensor(train_x).unsqueeze(1), torch.as_tensor(train_y).long(),
-                torch.as_tensor(test_x).unsqueeze(1), torch.as_tensor(test_y).long(), classes)
+    raw = _Raw(torch.as_tensor(train_x).unsqueeze(1), torch.as_tensor(train_y).long(),
+               torch.as_tensor(test_x).unsqueeze(1), torch.as_tensor(test_y).long(), classes)
+    if decoded is None:  # the raw files appeared just now (a download)
+        decoded = _decoded_cache(folder, raw_dir, _MNIST_FILES)
+    if decoded is not None:
+        decoded.write(raw)
+    return raw
 
 
 def _load_cifar10(root: Path, download: bool) -> _Raw:
     folder = root / _CIFAR_FOLDER
+    decoded = _decoded_cache("cifar10", folder, _CIFAR_FILES)
+    raw = decoded.read() if decoded is not None else None
+    if raw is not None:
+        return raw
     if _missing(folder, _CIFAR_FILES):
         why = "dataset.download is false"
         if download:
@@ -432,7 +446,11 @@ def _load_cifar10(root: Path, download: bool) -> _Raw:
     train_y = torch.cat([y for _, y in train])
     if len(classes) != 10:
         classes = tuple(_CIFAR_CLASSES)
-    return _Raw(train_x, train_y, test_x, test_y, classes)
+    raw = _Raw(train_x, train_y, test_x, test_y, classes)
+    decoded = decoded or _decoded_cache("cifar10", folder, _CIFAR_FILES)
+    if decoded is not None:
+        decoded.write(raw)
+    return raw
 
 
 def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -533,6 +551,62 @@ def _make_synthetic(cfg: SyntheticConfig, seed: int) -> _Raw:
     test_x, test_y = draw(cfg.test_size)
     classes = tuple(f"class_{i}" for i in range(cfg.classes))
     return _Raw(train_x, train_y, test_x, test_y, classes)
+
+
+# --------------------------------------------------------------------------------------
+# The decoded cache: one tensor file per dataset, keyed by the raw files' checksum
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _DecodedCache:
+    """Decoding the release's files (and importing torchvision to do it) costs a worker
+    seconds at start-up; a cached copy is one memory-mapped `torch.load`. The name holds
+    a checksum of the raw files' bytes, so replaced files are decoded afresh; the file is
+    written whole or not at all (a temporary name, then a rename). Unreadable or
+    unwritable caches are skipped: the raw files stay the truth."""
+
+    path: Path
+
+    def read(self) -> _Raw | None:
+        if not self.path.is_file():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            return _Raw(saved["train_x"], saved["train_y"], saved["test_x"], saved["test_y"],
+                        tuple(saved["classes"]))
+        except Exception:  # truncated, another torch's format, ...: decode again
+            return None
+
+    def write(self, raw: _Raw) -> None:
+        partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.part")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"train_x": raw.train_x, "train_y": raw.train_y,
+                        "test_x": raw.test_x, "test_y": raw.test_y,
+                        "classes": list(raw.classes)}, partial)
+            partial.replace(self.path)
+        except OSError:
+            partial.unlink(missing_ok=True)
+
+
+def cache_dir() -> Path:
+    """Where decoded datasets are kept: $SWEEPER_CACHE_DIR, else ~/.cache/sweeper."""
+    chosen = os.environ.get(CACHE_DIR_ENV)
+    if chosen:
+        return Path(chosen).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sweeper"
+
+
+def _decoded_cache(name: str, folder: Path, files: Sequence[str]) -> _DecodedCache | None:
+    """The cache entry for these raw files, or None while any is missing."""
+    if _missing(folder, files):
+        return None
+    digest = hashlib.sha1(usedforsecurity=False)
+    for file in files:
+        with open(folder / file, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return _DecodedCache(cache_dir() / f"{name}-{digest.hexdigest()[:20]}.pt")
 
 
 # --------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,11 +261,10 @@ class Worker:
     def run(self) -> RunReport:
         spec, options = self.spec, self.options
         # An unreachable tracking store, then a missing dataset: both are the user's to fix,
-        # before any study is written.
+        # before any study is written. The store is checked (a fresh one created: seconds
+        # of MLflow migrations) while the dataset loads, off the way to the first batch.
         with stopping.interruptible():  # nothing is written yet: a signal stops at once
-            if self.tracker is not None:
-                self.tracker.check()
-            self.dataset(spec.dataset)
+            self._check_tracking_while(lambda: self.dataset(spec.dataset))
         study, created = open_or_create(spec, options.storage)
         if not (created or options.keep_seed):
             # Another worker, or an earlier run, already draws from the file's seed: the
@@ -343,6 +343,21 @@ class Worker:
         if full:
             return f"the disk is full: {full}"
         return None
+
+    def _check_tracking_while(self, load: Callable[[], object]) -> None:
+        """`load()` with the tracker's check running beside it on a thread; a tracking
+        problem is raised first, as if checked before."""
+        if self.tracker is None:
+            load()
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sweeper-check") as pool:
+            checked = pool.submit(self.tracker.check)
+            try:
+                load()
+            except BaseException:
+                checked.result()
+                raise
+            checked.result()
 
     def _stop_reason(self, study: optuna.Study, queries: StudyQueries, ran: int,
                      target: int | None, started: float, timeout: float | None
@@ -489,7 +504,7 @@ class Worker:
         """The default objective: build, fit (reporting each epoch), evaluate, log."""
         import optuna
 
-        from sweeper.evaluate import evaluate, prefixed
+        from sweeper.evaluate import evaluate, evaluate_logits, prefixed
         from sweeper.models import build_model, count_parameters
         from sweeper.train import fit, seed_everything
 
@@ -522,8 +537,10 @@ class Worker:
             last = result.history[-1]
             raise optuna.TrialPruned(f"pruned at epoch {int(last['epoch'])} "
                                      f"({watched}={last[watched]:.4g})")
-        val = evaluate(model, data.val, classes=data.classes,
-                       batch_size=config.train.eval_batch_size)
+        # Validation: the last epoch's pass already holds its logits. Test: once, here,
+        # for a completed trial only.
+        assert result.val_logits is not None
+        val = evaluate_logits(result.val_logits, data.val.y, data.classes)
         test = evaluate(model, data.test, classes=data.classes,
                         batch_size=config.train.eval_batch_size)
         metrics = {**prefixed(val.metrics, "val"), **prefixed(test.metrics, "test"),

@@ -37,6 +37,7 @@ from sweeper.config import AugmentConfig, TrainConfig
 from sweeper.data import augment as augment_batch
 from sweeper.data import batches
 from sweeper.errors import Diverged, SweeperError
+from sweeper.evaluate import cross_entropy_sum, eval_batch_size
 
 if TYPE_CHECKING:
     from sweeper.data import Dataset, Split
@@ -54,6 +55,9 @@ class FitResult:
     history: list[dict[str, float]]
     stopped_early: bool  # the hook asked to stop (a pruned trial)
     train_seconds: float  # wall time of the whole fit, validation passes included
+    # Logits (N_val, K) of the last epoch's validation pass, on the device: the final
+    # evaluation of the validation split is these, not a second forward pass.
+    val_logits: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -130,15 +134,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 # --------------------------------------------------------------------------------------
 # Loss: one definition for training figures, per-epoch and final validation and test
 # --------------------------------------------------------------------------------------
-def cross_entropy_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of `logits` against labels: log-softmax in float32.
-
-    The one definition of every reported loss (train_loss, per-epoch and final val_loss,
-    test_loss): divide by the number of images for the mean.
-    """
-    return F.cross_entropy(logits.float(), y, reduction="sum")
-
-
 def training_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
     """The mean cost minimised: cross-entropy, or (`mse`) the quadratic cost
     1/2 ||softmax(z) - onehot(y)||^2 of the lecture notes, averaged over the batch."""
@@ -208,8 +203,10 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: int,
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=epochs * steps_per_epoch)
 
+    eval_batch = eval_batch_size(device, cfg.eval_batch_size)
     history: list[dict[str, float]] = []
     stopped_early = False
+    val_logits = None
     for epoch in range(1, epochs + 1):
         epoch_started = time.perf_counter()
         lr = float(optimizer.param_groups[0]["lr"])
@@ -238,9 +235,9 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: int,
                          else cross_entropy_sum(logits.detach(), y))
             correct += (logits.detach().argmax(dim=1) == y).sum()
 
-        # -- validate: eval mode, no grad, large batches ---------------------------------
-        val_loss_sum, val_correct = _validate(model, val, cfg.eval_batch_size, autocast,
-                                              channels_last)
+        # -- validate: eval and inference mode, the device's evaluation batch size -------
+        val_loss_sum, val_correct, val_logits = _validate(
+            model, val, eval_batch, autocast, channels_last)
 
         # -- sync once, check for divergence ---------------------------------------------
         train_loss, train_hits, val_loss, val_hits = torch.stack(
@@ -266,17 +263,20 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, *, epochs: int,
             break
 
     return FitResult(history=history, stopped_early=stopped_early,
-                     train_seconds=time.perf_counter() - started)
+                     train_seconds=time.perf_counter() - started,
+                     val_logits=val_logits)
 
 
 def _validate(model: nn.Module, split: Split, batch_size: int,
               autocast: contextlib.AbstractContextManager[object], channels_last: bool
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy and correct count over a split, as device tensors (no sync)."""
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy, correct count and float32 logits over a split, as device
+    tensors (no sync)."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float32, device=split.y.device)
     correct = torch.zeros((), dtype=torch.int64, device=split.y.device)
-    with torch.no_grad():
+    all_logits = []
+    with torch.inference_mode():
         for x, y in batches(split, batch_size, shuffle=False):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -284,7 +284,8 @@ def _validate(model: nn.Module, split: Split, batch_size: int,
                 logits = model(x)
             loss_sum += cross_entropy_sum(logits, y)
             correct += (logits.argmax(dim=1) == y).sum()
-    return loss_sum, correct
+            all_logits.append(logits.float())
+    return loss_sum, correct, torch.cat(all_logits)
 
 
 def _has_conv(model: nn.Module) -> bool:

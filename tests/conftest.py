@@ -18,6 +18,20 @@ def _mnist_root() -> Path | None:
     return None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def decoded_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Decoded datasets are cached in the session's folder, not the user's ~/.cache
+    (subprocesses inherit it through the environment)."""
+    root = tmp_path_factory.mktemp("decoded-cache")
+    previous = os.environ.get("SWEEPER_CACHE_DIR")
+    os.environ["SWEEPER_CACHE_DIR"] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop("SWEEPER_CACHE_DIR", None)
+    else:
+        os.environ["SWEEPER_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     """The data directory holding real MNIST (`SWEEPER_DATA_DIR`); skips if absent."""

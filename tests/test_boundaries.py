@@ -26,6 +26,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "rerun": {"mlflow"},
     "evaluate": {"optuna", "mlflow"},
     "plots": {"mlflow", "torch"},
+    "images": {"mlflow", "torch", "optuna", "plotly"},
     "study": {"mlflow"},
     "results": {"mlflow", "sweeper.train"},
     "scoring": {"mlflow", "optuna"},

@@ -247,6 +247,7 @@ def _status(url: str, host: str, auth: str | None = None) -> int:
         return exc.code
 
 
+@pytest.mark.slow
 def test_compose_server_command_serves_postgresql(postgres_db: str, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 

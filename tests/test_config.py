@@ -75,7 +75,8 @@ space:
 
 
 @pytest.mark.parametrize("value, seconds", [(90, 90.0), ("90s", 90.0), ("30m", 1800.0),
-                                            ("2h", 7200.0), ("1h30m", 5400.0), (None, None)])
+                                            ("2h", 7200.0), ("1h30m", 5400.0), (None, None),
+                                            ("420", 420.0), (" 2.5 ", 2.5)])
 def test_durations(value: object, seconds: float | None) -> None:
     assert config.parse_duration(value) == seconds
 

@@ -157,6 +157,36 @@ def test_mnist_family_from_idx_files(tmp_path: Path, name: str, folder: str,
     assert ds.test.y.tolist() == arrays["t10k_y"].tolist()
 
 
+def test_decoded_files_are_cached_by_checksum(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWEEPER_CACHE_DIR", str(tmp_path / "cache"))
+    write_idx(tmp_path, "MNIST")
+    cfg = DatasetConfig(name="mnist", val_fraction=0.2, normalize=False, download=False)
+    first = load_dataset(cfg, data_dir=tmp_path)
+    (cached,) = (tmp_path / "cache").iterdir()
+    assert cached.name.startswith("MNIST-") and cached.suffix == ".pt"
+    data.clear_cache()
+    again = load_dataset(cfg, data_dir=tmp_path)  # from the cache: the same tensors
+    for split in ("train", "val", "test"):
+        assert torch.equal(getattr(again, split).x, getattr(first, split).x)
+        assert torch.equal(getattr(again, split).y, getattr(first, split).y)
+    assert again.classes == first.classes
+    # Other raw files, another entry: the cache never serves stale images.
+    images = tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    raw = bytearray(images.read_bytes())
+    raw[-1] = (raw[-1] + 1) % 256
+    images.write_bytes(bytes(raw))
+    data.clear_cache()
+    changed = load_dataset(cfg, data_dir=tmp_path)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert not torch.equal(changed.test.x, first.test.x)
+    # A damaged entry is decoded again, not trusted.
+    cached.write_bytes(b"not a tensor file")
+    images.write_bytes(bytes(raw[:-1]) + bytes([(raw[-1] - 1) % 256]))
+    data.clear_cache()
+    assert torch.equal(load_dataset(cfg, data_dir=tmp_path).test.x, first.test.x)
+
+
 def test_mnist_family_unpacks_gz_files(tmp_path: Path) -> None:
     import gzip
 

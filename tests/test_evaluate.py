@@ -112,3 +112,57 @@ def test_predict_proba_softmax_on_cpu_restores_mode() -> None:
 def test_prefixed() -> None:
     assert prefixed({"accuracy": 0.9, "f1_cat": 0.5}, "val") == {"val_accuracy": 0.9,
                                                                  "val_f1_cat": 0.5}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_and_curves_match_scikit_learn(seed: int) -> None:
+    """sweeper computes them in NumPy; scikit-learn is the reference."""
+    from sklearn import metrics as sk
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, 300)
+    logits = rng.normal(size=(300, 3)) + 1.5 * np.eye(3)[labels]
+    logits[:40] = np.round(logits[:40])  # ties in the scores
+    probs = (np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)).astype(np.float32)
+    ev = evaluate_probabilities(probs, labels, CLASSES)
+    predictions = probs.argmax(axis=1)
+    for average in ("macro", "weighted"):
+        p, r, f, _ = sk.precision_recall_fscore_support(labels, predictions, average=average,
+                                                        labels=[0, 1, 2], zero_division=0)
+        assert ev.metrics[f"precision_{average}"] == pytest.approx(p)
+        assert ev.metrics[f"recall_{average}"] == pytest.approx(r)
+        assert ev.metrics[f"f1_{average}"] == pytest.approx(f)
+    report = sk.classification_report(labels, predictions, labels=[0, 1, 2],
+                                      target_names=CLASSES, output_dict=True, zero_division=0)
+    assert set(ev.report) == set(report)
+    for key, value in report.items():
+        expected = value if isinstance(value, dict) else {"value": value}
+        got = ev.report[key] if isinstance(value, dict) else {"value": ev.report[key]}
+        assert got == pytest.approx(expected), key
+    onehot = np.eye(3, dtype=np.int8)[labels]
+    for index, name in enumerate(CLASSES):
+        fpr, tpr, _ = sk.roc_curve(onehot[:, index], probs[:, index])
+        np.testing.assert_allclose(ev.roc[name][0], fpr)
+        np.testing.assert_allclose(ev.roc[name][1], tpr)
+        assert ev.metrics[f"auc_{name}"] == pytest.approx(sk.auc(fpr, tpr))
+    fpr, tpr, _ = sk.roc_curve(onehot.ravel(), probs.ravel())
+    np.testing.assert_allclose(ev.roc["micro"][0], fpr)
+    assert ev.metrics["auc_micro"] == pytest.approx(sk.roc_auc_score(onehot.ravel(),
+                                                                     probs.ravel()))
+
+
+def test_eval_batch_size_is_chosen_per_device_and_changes_no_result() -> None:
+    from sweeper.evaluate import EVAL_BATCH_SIZE, eval_batch_size
+
+    assert eval_batch_size("cpu") == EVAL_BATCH_SIZE["cpu"]
+    assert eval_batch_size(torch.device("cuda", 0)) == EVAL_BATCH_SIZE["cuda"]
+    assert eval_batch_size("cpu", 7) == 7
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        eval_batch_size("cpu", 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4))
+    x = torch.randn(37, 1, 8, 8)
+    whole = predict_proba(model, x, batch_size=64)
+    torch.testing.assert_close(predict_proba(model, x), whole)
+    torch.testing.assert_close(predict_proba(model, x, batch_size=5), whole)
+    assert whole.shape == (37, 4) and whole.device.type == "cpu"

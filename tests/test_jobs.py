@@ -110,6 +110,7 @@ def test_workers_get_a_gpu_each_or_a_share_of_the_cores() -> None:
 # --------------------------------------------------------------------------------------
 # --jobs on the default local stores
 # --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_four_local_workers_share_the_default_stores_without_errors(tmp_path: Path) -> None:
     """4 workers x 20 short trials on `mlruns/optuna.db` and `mlruns/mlflow.db`, created
     fresh by the run: no storage error, no tracking warning, nothing left RUNNING."""
@@ -137,6 +138,7 @@ def test_four_local_workers_share_the_default_stores_without_errors(tmp_path: Pa
     assert {r.info.status for r in runs} == {"FINISHED"}
 
 
+@pytest.mark.slow
 def test_a_grid_shared_by_three_workers_trains_each_point_once(tmp_path: Path) -> None:
     path = study_file(tmp_path, "grid3", trials=100, extra="")
     path.write_text(path.read_text().replace("random, seed: 0", "grid")
@@ -157,6 +159,7 @@ def test_a_grid_shared_by_three_workers_trains_each_point_once(tmp_path: Path) -
 # --------------------------------------------------------------------------------------
 # Signals
 # --------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code, reason", [
     (signal.SIGINT, 130, "interrupted"),
     (signal.SIGTERM, 143, "terminated (SIGTERM)"),
@@ -184,6 +187,7 @@ def test_a_signal_ends_the_running_trial_fail_and_its_run_killed(
     assert all(r.info.status != "RUNNING" for r in runs)
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_jobs_run_stops_every_worker_cleanly(tmp_path: Path) -> None:
     path = study_file(tmp_path, "term2", trials=20, epochs=200, train=512)
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
@@ -215,6 +219,7 @@ def test_sigterm_to_a_jobs_run_stops_every_worker_cleanly(tmp_path: Path) -> Non
 # --------------------------------------------------------------------------------------
 # A worker killed mid-trial, on PostgreSQL with tracking over HTTP
 # --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_kill_9_of_one_of_three_workers_loses_nothing(tmp_path: Path, postgres_url: str,
                                                      mlflow_url: str) -> None:
     """Three `sweeper run` processes (as on three machines) share a PostgreSQL study; one

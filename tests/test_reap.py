@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from test_jobs import clean_env, finish, runs_by_status, study_file, sweeper, wait_for_training
@@ -21,6 +22,7 @@ def reap(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           check=False)
 
 
+@pytest.mark.slow
 def test_reap_ends_what_a_killed_worker_left_in_both_systems(tmp_path: Path) -> None:
     path = study_file(tmp_path, "crashed", trials=3, epochs=2000, train=512)
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"

@@ -207,3 +207,20 @@ def test_mse_loss_trains_and_reports_cross_entropy(data: Dataset) -> None:
     other = _model(data)
     ce = fit(other, data, TrainConfig(lr=1e-2, batch_size=64), epochs=2, device=CPU)
     assert ce.history[0]["train_loss"] != result.history[0]["train_loss"]
+
+
+def test_last_validation_is_the_final_evaluation_of_the_validation_split(data: Dataset
+                                                                         ) -> None:
+    """fit keeps the last epoch's validation logits: the trial's final validation
+    metrics come from them, with no second forward pass, and they are the model's own."""
+    from sweeper.evaluate import predict_logits
+
+    cnn = ModelConfig(arch="cnn", channels=[4], filter_size=3, padding="same", dropout=0.3)
+    model = _model(data, cnn)
+    result = fit(model, data, TrainConfig(lr=1e-3, batch_size=64), epochs=2, device=CPU)
+    assert result.val_logits is not None
+    assert result.val_logits.shape == (len(data.val), data.num_classes)
+    again = predict_logits(model, data.val.x)
+    torch.testing.assert_close(result.val_logits, again)
+    accuracy = float((again.argmax(dim=1) == data.val.y).float().mean())
+    assert accuracy == pytest.approx(result.history[-1]["val_accuracy"])

@@ -86,6 +86,7 @@ def _study_store(root: Path) -> tuple[str, str]:
     return uri, experiment.experiment_id
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
                     "(apt-get install chromium; .ci/run installs it)")
 def test_ui_shows_the_study_in_a_browser_and_ctrl_c_stops_it(tmp_path: Path) -> None:

@@ -115,6 +115,30 @@ def write_confusion_csv(path: Path, confusion: Any, classes: list[str]) -> None:
             writer.writerow([name, *(int(v) for v in row)])
 
 
+PER_CLASS_METRICS = ("precision", "recall", "f1", "auc")
+
+
+def per_class_keys(evaluations: dict[str, Any], classes: list[str]) -> set[str]:
+    """The `<split>_<metric>_<class>` keys of the final metrics: a table, not metrics."""
+    return {f"{split}_{metric}_{name}" for split in evaluations
+            for metric in PER_CLASS_METRICS for name in classes}
+
+
+def write_per_class_csv(path: Path, evaluation: Any, classes: list[str]) -> None:
+    """One row per class: its support (true images), precision, recall, F1 and one-vs-rest
+    AUC (empty where undefined) on one split."""
+    import csv
+
+    support = [int(v) for v in evaluation.confusion.sum(axis=1)]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "support", *PER_CLASS_METRICS])
+        for name, count in zip(classes, support, strict=True):
+            values = [evaluation.metrics.get(f"{metric}_{name}") for metric in
+                      PER_CLASS_METRICS]
+            writer.writerow([name, count, *("" if v is None else f"{v:.6g}" for v in values)])
+
+
 def requirements() -> list[str]:
     """Pinned requirements of a logged model, given so MLflow does not infer them (which
     costs a subprocess and ~6 s per model)."""

@@ -1,5 +1,6 @@
-"""Is the tracking store usable? One clear line within `CHECK_TIMEOUT_S`, before anything
-is written: a typo in the URI or a server that is down costs nothing to fix.
+"""Is the tracking store usable? One clear line within `CHECK_TIMEOUT_S` (a server or a SQL
+database; a local SQLite file is checked without a deadline), before anything is written:
+a typo in the URI or a server that is down costs nothing to fix.
 
 MLflow's own client retries a failed HTTP request for minutes and its SQL engine for ~30 s,
 so the probe asks first with plain, short-timeout requests.
@@ -53,16 +54,23 @@ def check_store(uri: str, make_client: Callable[[], MlflowClient], *, escape: st
     def probe() -> None:
         try:
             _probe(uri, make_client, suffix)
+        except KeyboardInterrupt:  # Ctrl-C while checking a local store: not a store error
+            raise
         except BaseException as exc:  # handed to the caller's thread
             outcome["error"] = exc
 
-    thread = threading.Thread(target=probe, name="sweeper-mlflow-check", daemon=True)
-    thread.start()
-    thread.join(CHECK_TIMEOUT_S)
-    if thread.is_alive():
-        raise TrackingError(f"MLflow tracking store {where} did not answer within "
-                            f"{CHECK_TIMEOUT_S:.0f} s; check --tracking-uri / "
-                            f"${TRACKING_ENV}{suffix}")
+    if sqlite_path(uri) is not None:
+        # A local file has no network to hang on; creating a fresh store (MLflow's schema
+        # migrations) takes seconds of CPU, more on a busy machine: no deadline for it.
+        probe()
+    else:
+        thread = threading.Thread(target=probe, name="sweeper-mlflow-check", daemon=True)
+        thread.start()
+        thread.join(CHECK_TIMEOUT_S)
+        if thread.is_alive():
+            raise TrackingError(f"MLflow tracking store {where} did not answer within "
+                                f"{CHECK_TIMEOUT_S:.0f} s; check --tracking-uri / "
+                                f"${TRACKING_ENV}{suffix}")
     error = outcome.get("error")
     if isinstance(error, TrackingError):
         raise error

@@ -283,7 +283,9 @@ class MlflowTracker:
                 study.set_user_attr(ATTR_EXPERIMENT, self.experiment_id)
                 if parent.info.status != "RUNNING":  # resumed: the study runs again
                     self.client.update_run(self.parent_run_id, status="RUNNING")
-                self._describe_parent(parent, spec)
+                # Params, tags and the study file: nothing waits for them, so the first
+                # trial starts while they upload.
+                self.queue("describe the parent run", self._describe_parent, parent, spec)
                 self._end_orphans(study)
             except TrackingError:
                 raise
@@ -444,7 +446,7 @@ class MlflowTracker:
         self._close_unreported("sweeper did not report how this trial ended")
         self.available()  # the store may be back
         with self.timed("trial.wait"):
-            while len(self._behind) > MAX_TRIALS_BEHIND - 1:
+            while len(self._behind) > MAX_TRIALS_BEHIND:
                 self._behind.popleft().wait()
         run = TrialRun(self, trial, config)
         with self.timed("trial.open"):

@@ -37,14 +37,15 @@ from sweeper.tracking.common import (
     chunks,
     device_name,
     finite,
-    json_text,
     metric_key,
     model_device,
     now_ms,
     param_value,
+    per_class_keys,
     requirements,
     truncate,
     write_confusion_csv,
+    write_per_class_csv,
 )
 
 if TYPE_CHECKING:
@@ -222,7 +223,8 @@ class TrialRun:
         else:
             self._record_model_id("")  # known to have none: the read side need not look
         with tracker.timed("trial.metrics"):
-            self._log_final_metrics(model, metrics, history)
+            self._log_final_metrics(model, metrics, history,
+                                    per_class_keys(evaluations, list(data.classes)))
         with tracker.timed("trial.artifacts"):
             self._queue("upload figures and tables", self._log_artifacts, history,
                         evaluations, list(data.classes))
@@ -235,15 +237,15 @@ class TrialRun:
             return True
 
     def _log_final_metrics(self, model: Any, metrics: dict[str, float],
-                           history: list[dict[str, float]]) -> None:
+                           history: list[dict[str, float]], per_class: set[str]) -> None:
         from mlflow.entities import Metric, RunTag
 
         now = now_ms()
         # At the last epoch's step, so the run's latest value of val_accuracy is the
-        # final evaluation's.
+        # final evaluation's. Per-class numbers go to tables/per_class_<split>.csv.
         step = int(history[-1].get("epoch", len(history))) if history else 0
         batch = [Metric(metric_key(k), float(v), now, step, model_id=self.model_id)
-                 for k, v in metrics.items() if finite(v)]
+                 for k, v in metrics.items() if finite(v) and k not in per_class]
         tags = []
         device = model_device(model)
         if device:
@@ -254,26 +256,23 @@ class TrialRun:
 
     def _log_artifacts(self, history: list[dict[str, float]], evaluations: dict[str, Any],
                        classes: list[str]) -> None:
-        """Figures (one offline HTML page), confusion matrices and ROC curves as CSV,
-        classification reports as JSON and the resolved config as YAML, in one upload."""
+        """Figures (small PNG images), confusion matrices, per-class numbers and ROC curves
+        as CSV and the resolved config as YAML, in one upload. The interactive pages are
+        the study's (parent run, `sweeper report`): a trial's would embed plotly.js, 2 MB."""
         import yaml
 
-        from sweeper import plots
+        from sweeper import images, plots
 
         assert self.run_id is not None
         with tempfile.TemporaryDirectory(prefix="sweeper-trial-") as tmp:
             root = Path(tmp)
-            figures = plots.trial_figures(history, evaluations, classes)
-            plots.write_page(root / "plots" / "trial.html", figures,
-                             title=f"{self.tracker.spec.name} trial {self.number}")
+            images.write_trial_images(root / "plots", history, evaluations, classes)
             (root / "tables").mkdir()
-            (root / "reports").mkdir()
             (root / "config").mkdir()
             for split, ev in evaluations.items():
                 write_confusion_csv(root / "tables" / f"confusion_matrix_{split}.csv",
                                     ev.confusion, classes)
-                (root / "reports" / f"classification_report_{split}.json").write_text(
-                    json_text(ev.report, indent=2))
+                write_per_class_csv(root / "tables" / f"per_class_{split}.csv", ev, classes)
             test = evaluations.get("test")
             if test is not None and test.roc:
                 plots.write_roc_csv(root / "tables" / "roc_test.csv", test.roc, test.metrics)
