@@ -157,6 +157,10 @@ def open_or_create(spec: StudySpec, storage_url: str, *, create: bool = True,
         if study is None:
             study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
                                       pruner=pruner)
+        if study.metric_names is None:
+            # Optuna's own tools (the dashboard, `optuna best-trial`) then name the
+            # objectives; a study made before sweeper set them gets them on resume.
+            study.set_metric_names([o.metric for o in spec.objective_list])
     except sqlalchemy.exc.SQLAlchemyError as exc:
         raise StorageError(f"Optuna storage {redact(storage_url)} failed: "
                            f"{str(exc).splitlines()[0]}") from exc
