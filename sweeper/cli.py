@@ -31,14 +31,23 @@ app = typer.Typer(
     name="sweeper",
     help="Hyperparameter sweeps for PyTorch image classifiers: Optuna studies, "
          "tracked in MLflow.",
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-# Piped output (logs, CI) gets room for tables instead of rich's 80-column default.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140)
+
+
+def _console_width(stream: object) -> int | None:
+    """Rich's own width on a terminal or where `COLUMNS` sets one; piped output (logs, CI)
+    otherwise gets room for tables instead of rich's 80-column default."""
+    if getattr(stream, "isatty", lambda: False)() or os.environ.get("COLUMNS", "").isdigit():
+        return None
+    return 140
+
+
+out = Console(highlight=False, width=_console_width(sys.stdout))
+err = Console(stderr=True, highlight=False, width=_console_width(sys.stderr))
 
 # Options shared by several commands.
 StudyFile = Annotated[Path, typer.Argument(help="The study file (YAML), e.g. "

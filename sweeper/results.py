@@ -456,8 +456,11 @@ def _sorted(results: _Results, trials: list[optuna.trial.FrozenTrial], sort: str
                 return (missing, t.number)
             return (-float(value) if descending else float(value), t.number)
 
+    # A leading '-' reverses the trials that have the key; those without it stay last.
     ranked = sorted(trials, key=order)
-    return ranked[::-1] if reverse else ranked
+    present = [t for t in ranked if order(t)[0] != missing]
+    absent = [t for t in ranked if order(t)[0] == missing]
+    return [*(present[::-1] if reverse else present), *absent]
 
 
 def trials(study: str | optuna.Study, *, storage: str | None = None,

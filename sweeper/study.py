@@ -171,6 +171,10 @@ def _open_or_create(spec: StudySpec, storage: optuna.storages.BaseStorage, stora
         if study is None:
             study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
                                       pruner=pruner)
+        if study.metric_names is None:
+            # Optuna's own tools (the dashboard, `optuna best-trial`) then name the
+            # objectives; a study made before sweeper set them gets them on resume.
+            study.set_metric_names([o.metric for o in spec.objective_list])
     except sqlalchemy.exc.SQLAlchemyError as exc:
         if retrying.is_transient(exc):
             raise  # retried by the caller

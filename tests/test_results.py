@@ -148,6 +148,13 @@ def test_trials_filter_sort_and_limit(stores: dict[str, Any]) -> None:
     lr = [t.params["train.lr"] for t in results.trial_results("results", sort="train.lr",
                                                               **kwargs)]
     assert lr == sorted(lr)
+    # The failed trial has no metrics: it sorts last both ways.
+    for sort in ("val_loss", "-val_loss", "test_accuracy", "-test_accuracy"):
+        ranked = results.trial_results("results", sort=sort, **kwargs)
+        assert ranked[-1].number == 2, sort
+        losses = [t.metrics[sort.removeprefix("-")] for t in ranked[:-1]]
+        ascending = sort.startswith("-") == sort.endswith("accuracy")
+        assert losses == sorted(losses, reverse=not ascending), sort
     with pytest.raises(ResultError, match="did you mean 'test_accuracy'"):
         results.trial_results("results", sort="test_acuracy", **kwargs)
     with pytest.raises(ResultError, match="unknown state 'DONE'"):
