@@ -135,8 +135,12 @@ def read_model(folder: str | Path, *, device: str = "cpu") -> tuple[nn.Module, M
     try:
         # On the meta device: no memory is allocated until the weights, whose size the
         # file bounds, are known to fit.
+        # Pretrained weights are never fetched or read here: the saved ones replace them.
+        model_cfg = info.config.model
+        if model_cfg.arch == "resnet18":
+            model_cfg = model_cfg.model_copy(update={"pretrained": "none"})
         with torch.device("meta"):
-            model = build_model(info.config.model, info.input_shape, info.num_classes)
+            model = build_model(model_cfg, info.input_shape, info.num_classes)
     except Exception as exc:
         raise ModelFileError(f"{path.parent / CONFIG_FILE} describes a model that cannot be "
                              f"built: {str(exc)[:200]}") from None

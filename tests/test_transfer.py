@@ -88,3 +88,26 @@ def test_imagenet_offline_without_the_file_is_one_line(tmp_path: Path,
     assert "\n" not in message
     assert message.startswith(f"ResNet-18 ImageNet weights not in {tmp_path / 'torchvision'}")
     assert "resnet18-f37072fd.pth" in message
+
+
+def test_a_saved_model_loads_without_its_pretrained_file(weights: tuple[Path, dict],
+                                                          tmp_path: Path) -> None:
+    """The saved weights replace the pretrained ones: loading a trial's model neither reads
+    nor downloads the file it started from."""
+    from sweeper import config
+    from sweeper.modelfile import ModelInfo, read_model, write_model
+
+    source = tmp_path / "resnet18.pth"
+    source.write_bytes(weights[0].read_bytes())
+    spec = config.loads(
+        "name: transfer\n"
+        "dataset: {name: synthetic, synthetic: {image_size: 32, channels: 3, classes: 4}}\n"
+        f"model: {{arch: resnet18, pretrained: {source}, freeze: true}}\n"
+        "budget: {trials: 1, epochs: 1}\n")
+    info = ModelInfo(spec.resolve({}), ["a", "b", "c", "d"], (0.5,) * 3, (0.25,) * 3)
+    model = build_model(info.config.model, info.input_shape, info.num_classes).eval()
+    write_model(tmp_path / "model", model, info)
+    source.unlink()
+    loaded, _ = read_model(tmp_path / "model")
+    x = torch.randn(2, *info.input_shape)
+    torch.testing.assert_close(loaded(x), model(x))
