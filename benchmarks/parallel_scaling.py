@@ -41,6 +41,7 @@ STUDY = """
 name: {name}
 dataset: {{name: synthetic, synthetic: {{train_size: 64, test_size: 32, image_size: 8}}}}
 model: {{arch: mlp, hidden: [8]}}
+train: {{batch_size: 32}}
 budget: {{trials: {trials}, epochs: {epochs}}}
 sampler: {{name: random, seed: 0}}
 models: {models}

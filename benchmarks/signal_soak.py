@@ -29,6 +29,7 @@ STUDY = """
 name: soak
 dataset: {name: synthetic, synthetic: {train_size: 64, test_size: 32, image_size: 8}}
 model: {arch: mlp, hidden: [8]}
+train: {batch_size: 32}
 budget: {trials: 4, epochs: 2}
 sampler: {name: random, seed: 0}
 space:

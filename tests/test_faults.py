@@ -30,6 +30,7 @@ STUDY = """
 name: {name}
 dataset: {{name: synthetic, synthetic: {{train_size: {train}, test_size: 32, image_size: 8}}}}
 model: {{arch: mlp, hidden: [8]}}
+train: {{batch_size: 32}}  # the 58 training images hold one batch
 budget: {{trials: {trials}, epochs: {epochs}}}
 sampler: {{name: random, seed: 0}}
 space:
@@ -68,12 +69,18 @@ def finish(process: subprocess.Popen[str], timeout: float = 600) -> tuple[int, s
     return process.returncode, out, err
 
 
-def wait_until(check, timeout: float = 300, what: str = "") -> None:  # type: ignore[no-untyped-def]
+def wait_until(check, timeout: float = 300, what: str = "",  # type: ignore[no-untyped-def]
+               process: subprocess.Popen[str] | None = None) -> None:
+    """Poll `check` until it holds; fail at once, with its output, if `process` ends."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):
             if check():
                 return
+        if process is not None and process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"sweeper exited {process.returncode} before {what}:\n"
+                                 f"{out}\n{err}")
         time.sleep(0.3)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -114,7 +121,8 @@ def test_a_fast_beating_worker_leaves_a_slow_beating_workers_trial_alone(tmp_pat
         def training() -> bool:
             (trial,) = trials_of(storage, "beats2")
             return trial.state == TrialState.RUNNING and "config" in trial.user_attrs
-        wait_until(training, what="the slow-beating worker's trial")
+        wait_until(training, what="the slow-beating worker's trial",
+                   process=slow)
         time.sleep(6)  # silent longer than the fast worker's own grace (4 s)
         code, out, err = finish(sweeper("run", str(path), "--storage", storage, "--device",
                                         "cpu", "--no-tracking", "--heartbeat", "1s",
@@ -180,7 +188,7 @@ def test_postgres_backends_terminated_repeatedly_the_study_completes(tmp_path: P
         # During the study: from its first trial on (a storm this dense at start-up can
         # outlast the retries of opening the storage, on a loaded machine).
         wait_until(lambda: any(t.state == TrialState.RUNNING for t in trials_of(url, "pgfaults")),
-                   what="the first trial")
+                   what="the first trial", process=process)
         with terminating_backends(database, (0.1, 0.3)) as killed:
             code, out, err = finish(process)
         assert sum(killed) > 10, f"only {sum(killed)} backends were terminated"
@@ -205,7 +213,8 @@ def test_a_lasting_outage_is_one_line_and_exit_2(tmp_path: Path) -> None:
         process = sweeper("run", str(path), "--storage", url, "--device", "cpu",
                           "--tracking-uri", tracking, cwd=tmp_path)
         wait_until(lambda: any(t.state == TrialState.COMPLETE
-                               for t in trials_of(url, "outage")), what="a trial")
+                               for t in trials_of(url, "outage")), what="a trial",
+                   process=process)
         admin = psycopg2.connect(PG_ADMIN)
         admin.autocommit = True
         try:
@@ -243,9 +252,10 @@ def test_mlflow_server_killed_and_restarted_mid_study(tmp_path: Path) -> None:
 
         def complete(n: int) -> bool:
             return sum(t.state == TrialState.COMPLETE for t in trials_of(storage, "away")) >= n
-        wait_until(lambda: complete(2), what="two trials")
+        wait_until(lambda: complete(2), what="two trials", process=process)
         server.kill()
-        wait_until(lambda: complete(4), what="trials with the server away")
+        wait_until(lambda: complete(4), what="trials with the server away",
+                   process=process)
         server = MlflowServer(tmp_path / "server", port=server.port).start()
         server.wait_ready()
         code, out, err = finish(process)
@@ -335,7 +345,8 @@ def test_a_full_disk_is_one_line_exit_2_and_nothing_running(tmp_path: Path) -> N
         process = sweeper("run", str(path), "--device", "cpu", cwd=tmp_path,
                           TMPDIR=str(disk / "tmp"))
         wait_until(lambda: any(t.state == TrialState.COMPLETE
-                               for t in trials_of(storage, "full")), what="a trial")
+                               for t in trials_of(storage, "full")), what="a trial",
+                   process=process)
         fill(disk)
         code, out, err = finish(process, timeout=300)
         assert code == 2, out + err

@@ -25,6 +25,7 @@ TINY = """
 name: sig
 dataset: {name: synthetic, synthetic: {train_size: 64, test_size: 32, image_size: 8}}
 model: {arch: mlp, hidden: [8]}
+train: {batch_size: 32}
 budget: {trials: 3, epochs: 1}
 sampler: {name: random, seed: 0}
 space:
