@@ -17,6 +17,7 @@ import os
 import socket
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -174,7 +175,9 @@ def _open_or_create(spec: StudySpec, storage: optuna.storages.BaseStorage, stora
         if study.metric_names is None:
             # Optuna's own tools (the dashboard, `optuna best-trial`) then name the
             # objectives; a study made before sweeper set them gets them on resume.
-            study.set_metric_names([o.metric for o in spec.objective_list])
+            with warnings.catch_warnings():  # experimental in Optuna, stable in use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([o.metric for o in spec.objective_list])
     except sqlalchemy.exc.SQLAlchemyError as exc:
         if retrying.is_transient(exc):
             raise  # retried by the caller

@@ -8,7 +8,7 @@ for a finished trial that has none, and the summary metrics of one that lacks th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -66,9 +66,14 @@ def end_lost_run(client: MlflowClient, run_id: str, reason: str) -> bool:
 
 def reap_runs(client: MlflowClient, experiment_id: str, *,
               trial_states: Mapping[int, str], reasons: Mapping[int, str],
-              parent_run_id: str | None, study_running: bool) -> list[EndedRun]:
+              parent_run_id: str | None, study_running: bool,
+              only_trials: Collection[int] | None = None) -> list[EndedRun]:
     """End the experiment's RUNNING runs whose trial is not RUNNING in Optuna (with the
-    status its state maps to), and the parent run once no trial of the study runs."""
+    status its state maps to), and the parent run once no trial of the study runs.
+
+    `only_trials`: look at the runs of these trials only. A caller whose `trial_states` is a
+    snapshot taken while other workers run passes the trials it looked up, so that a run
+    opened after the snapshot (its trial asked since) is not taken for an orphan."""
     runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
                               max_results=5000)
     ended: list[EndedRun] = []
@@ -77,6 +82,8 @@ def reap_runs(client: MlflowClient, experiment_id: str, *,
         name = run.info.run_name or run.info.run_id
         if tags.get(TAG_ROLE) == "trial" and TAG_TRIAL in tags:
             number = int(tags[TAG_TRIAL])
+            if only_trials is not None and number not in only_trials:
+                continue
             state = trial_states.get(number)
             if state == "RUNNING":
                 continue  # its worker is alive: the run is its to end

@@ -319,9 +319,10 @@ class MlflowTracker:
             states[number] = trial.state.name
             if trial.user_attrs.get(ATTR_REASON):
                 reasons[number] = str(trial.user_attrs[ATTR_REASON])
-        for ended in reap_runs(self.client, self.experiment_id,
-                               trial_states={n: states.get(n, "RUNNING") for n in numbers},
-                               reasons=reasons, parent_run_id=None, study_running=True):
+        # Only the runs looked up here: another worker may have opened one since.
+        for ended in reap_runs(self.client, self.experiment_id, trial_states=states,
+                               reasons=reasons, parent_run_id=None, study_running=True,
+                               only_trials=set(states)):
             log.warning("ended run %s left RUNNING by a worker that stopped: %s (%s)",
                         ended.name, ended.status, ended.reason)
 
