@@ -158,6 +158,19 @@ def fill_in_runs(client: MlflowClient, experiment_id: str, study_name: str,
             done.append(EndedRun(run_id, f"trial-{trial.number}", status,
                                  "created from the Optuna record"))
             continue
+        recorded = run.data.tags.get(TAG_STATE)
+        if recorded is not None and recorded != trial.state.name:
+            # The run was closed before its worker learnt how the trial ended (the tell
+            # landed, then the storage went away): Optuna's record decides.
+            status = MLFLOW_STATUS[trial.state.name]
+            reason = str(trial.user_attrs.get(ATTR_REASON) or "")
+            client.log_batch(run.info.run_id, tags=[
+                RunTag(TAG_STATE, trial.state.name), RunTag(TAG_REASON, truncate(reason)),
+                RunTag(TAG_FILLED_IN, "state, from the Optuna record")])
+            client.set_terminated(run.info.run_id, status, end_time=when or None)
+            done.append(EndedRun(run.info.run_id, run.info.run_name or run.info.run_id,
+                                 status, f"state {trial.state.name} from the Optuna record "
+                                         f"(the run said {recorded})"))
         missing = [Metric(metric_key(k), float(v), when, 0) for k, v in summary.items()
                    if finite(v) and metric_key(k) not in run.data.metrics]
         if missing:
