@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sweeper.plots import thin_curve  # plotly itself is not imported by this
+from sweeper.plots import (  # plotly itself is not imported by this
+    confusion_shares,
+    thin_curve,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -71,14 +74,8 @@ def history_image(history: Sequence[Mapping[str, float]]) -> Figure:
 
 def confusion_image(confusion: Any, classes: Sequence[str], *, title: str) -> Figure:
     """Counts (rows: true class, columns: predicted), coloured by the share of the row."""
-    counts = np.asarray(confusion, dtype=np.int64)
+    counts, shares = confusion_shares(confusion, classes)
     k = len(classes)
-    if counts.shape != (k, k):
-        raise ValueError(f"a confusion matrix for {k} classes must have shape ({k}, {k}), "
-                         f"but got {counts.shape}")
-    totals = counts.sum(axis=1, keepdims=True)
-    shares = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64),
-                       where=totals > 0)
     side = min(12.0, 2.5 + 0.4 * k)
     fig = _figure(side + 1, side)
     ax = fig.add_subplot(1, 1, 1)

@@ -102,12 +102,10 @@ def histories_figure(histories: Mapping[str, Sequence[Mapping[str, float]]]) -> 
     return fig
 
 
-def confusion_figure(confusion: np.ndarray | Sequence[Sequence[int]], classes: Sequence[str],
-                     *, title: str = "Confusion matrix") -> go.Figure:
-    """A heatmap of counts (rows: true class, columns: predicted), coloured by the share
-    of each true class, so that a rare class's mistakes are as visible as a common one's."""
-    import plotly.graph_objects as go
-
+def confusion_shares(confusion: np.ndarray | Sequence[Sequence[int]], classes: Sequence[str]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """A confusion matrix's counts (K, K) and each count's share of its true class (a row
+    with no images: zeros), for the interactive and the static figure alike."""
     counts = np.asarray(confusion, dtype=np.int64)
     k = len(classes)
     if counts.shape != (k, k):
@@ -116,6 +114,17 @@ def confusion_figure(confusion: np.ndarray | Sequence[Sequence[int]], classes: S
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64),
                        where=totals > 0)
+    return counts, shares
+
+
+def confusion_figure(confusion: np.ndarray | Sequence[Sequence[int]], classes: Sequence[str],
+                     *, title: str = "Confusion matrix") -> go.Figure:
+    """A heatmap of counts (rows: true class, columns: predicted), coloured by the share
+    of each true class, so that a rare class's mistakes are as visible as a common one's."""
+    import plotly.graph_objects as go
+
+    counts, shares = confusion_shares(confusion, classes)
+    k = len(classes)
     names = [str(c) for c in classes]
     heatmap = go.Heatmap(
         z=shares, x=names, y=names, customdata=counts, colorscale="Blues", zmin=0, zmax=1,
