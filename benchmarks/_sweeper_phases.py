@@ -83,8 +83,8 @@ def _patch_tracker(module):  # type: ignore[no-untyped-def]
     module.MlflowTracker.end_study = wrapper
 
 
-PATCHES = {"sweeper.data": _patch_data, "sweeper.train": _patch_train,
-           "sweeper.evaluate": _patch_evaluate, "sweeper.tracking.tracker": _patch_tracker}
+PATCHES = {"sweeper.ml.data": _patch_data, "sweeper.ml.train": _patch_train,
+           "sweeper.ml.metrics": _patch_evaluate, "sweeper.tracking.tracker": _patch_tracker}
 
 
 class _Hook(importlib.abc.MetaPathFinder):

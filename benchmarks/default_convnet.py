@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from sweeper import config
-from sweeper.data import load_dataset
-from sweeper.evaluate import evaluate
-from sweeper.models import build_model, count_parameters
-from sweeper.train import fit, resolve_device, seed_everything
+from sweeper.ml.data import load_dataset
+from sweeper.ml.metrics import evaluate
+from sweeper.ml.models import build_model, count_parameters
+from sweeper.ml.train import fit, resolve_device, seed_everything
+from sweeper.spec import config
 
 REPO = Path(__file__).resolve().parents[1]
 

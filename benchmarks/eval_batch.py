@@ -1,7 +1,7 @@
 """Evaluation batch size per device: the forward pass of the default ConvNet (filter sizes
 1, 3 and 5) over the 10,000 MNIST test images at several batch sizes, channels_last and
 inference mode, as sweeper's validation and test passes run. The figures behind
-`sweeper.evaluate.EVAL_BATCH_SIZE`.
+`sweeper.ml.metrics.EVAL_BATCH_SIZE`.
 
     SWEEPER_DATA_DIR=../shared/data .venv/bin/python benchmarks/eval_batch.py
         [--device cpu] [--repeats 3] [--sizes 128 256 512 1024 2048]
@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from sweeper.config import DatasetConfig, ModelConfig
-from sweeper.data import load_dataset
-from sweeper.evaluate import EVAL_BATCH_SIZE, predict_on_device
-from sweeper.models import build_model
-from sweeper.train import resolve_device
+from sweeper.ml.data import load_dataset
+from sweeper.ml.metrics import EVAL_BATCH_SIZE, predict_on_device
+from sweeper.ml.models import build_model
+from sweeper.ml.train import resolve_device
+from sweeper.spec.config import DatasetConfig, ModelConfig
 
 
 def main() -> None:

@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from sweeper.config import DatasetConfig, ModelConfig, TrainConfig
-from sweeper.data import load_dataset
-from sweeper.evaluate import evaluate
-from sweeper.models import build_model, count_parameters
-from sweeper.train import fit, seed_everything
+from sweeper.ml.data import load_dataset
+from sweeper.ml.metrics import evaluate
+from sweeper.ml.models import build_model, count_parameters
+from sweeper.ml.train import fit, seed_everything
+from sweeper.spec.config import DatasetConfig, ModelConfig, TrainConfig
 
 STYLES = {"classic": ("sigmoid", "avg"), "modern": ("relu", "max")}
 

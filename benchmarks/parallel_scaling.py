@@ -2,7 +2,7 @@
 
 1. Scaling (floor: 4 workers >= 3.5x the trials/s of 1 worker). Each trial sleeps
    `--sleep` seconds in `--epochs` steps, standing in for GPU time, and logs every epoch;
-   everything else is the real thing: worker processes from `sweeper.jobs`, the Optuna
+   everything else is the real thing: worker processes from `sweeper.fleet.jobs`, the Optuna
    storage handing out trials, heartbeats, MLflow runs. Once on the local default (SQLite
    for both) and once on PostgreSQL with tracking over HTTP to an `mlflow server` on
    PostgreSQL. Trials/s is measured over the window in which every worker was running
@@ -31,9 +31,9 @@ from typing import Any
 
 from _stores import mlflow_server, postgres_database
 
-from sweeper import config
-from sweeper.heartbeat import HeartbeatSettings
-from sweeper.study import RunOptions, Worker, open_study
+from sweeper.fleet.heartbeat import HeartbeatSettings
+from sweeper.search.study import RunOptions, Worker, open_study
+from sweeper.spec import config
 
 warnings.filterwarnings("ignore", message=r".*experimental feature.*")
 
@@ -90,7 +90,7 @@ def steady_rate(study: Any) -> tuple[float, float, float]:
 
 def scaling(name: str, storage: str, tracking: str, jobs: int, trials: int, epochs: int
             ) -> tuple[float, float, float, float]:
-    from sweeper.jobs import run_jobs
+    from sweeper.fleet.jobs import run_jobs
 
     spec = config.loads(STUDY.format(name=name, trials=trials, epochs=epochs, models="none"))
     options = RunOptions(storage=storage, device="cpu",

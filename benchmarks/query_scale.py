@@ -25,8 +25,8 @@ from pathlib import Path
 
 from _stores import postgres_database
 
-from sweeper import config
-from sweeper.study import open_study
+from sweeper.search.study import open_study
+from sweeper.spec import config
 
 # TPE's `group` option is marked experimental; the warning says nothing about speed.
 warnings.filterwarnings("ignore", message=r".*experimental feature.*")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from sweeper import config
-from sweeper.study import RunOptions, run_study
+from sweeper.search.study import RunOptions, run_study
+from sweeper.spec import config
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from _stores import mlflow_server
 
-from sweeper import config
-from sweeper.study import RunOptions, Worker, open_study
+from sweeper.search.study import RunOptions, Worker, open_study
+from sweeper.spec import config
 from sweeper.tracking import MlflowTracker
 
 STUDY = """

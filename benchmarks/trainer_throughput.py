@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sweeper.config import DatasetConfig, ModelConfig, TrainConfig
-from sweeper.data import Split, batches, load_dataset
-from sweeper.models import build_model
-from sweeper.train import fit, resolve_device
+from sweeper.ml.data import Split, batches, load_dataset
+from sweeper.ml.models import build_model
+from sweeper.ml.train import fit, resolve_device
+from sweeper.spec.config import DatasetConfig, ModelConfig, TrainConfig
 
 BATCH_SIZE = 128
 LR = 1e-3

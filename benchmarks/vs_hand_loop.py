@@ -149,7 +149,7 @@ def _report(runs: dict[str, list[dict]], load_before: str) -> None:
 
 def _same_images(subset: int) -> dict[str, list[int]]:
     """The training and validation indices sweeper's study uses, for the hand loop too."""
-    from sweeper.data import _split_indices
+    from sweeper.ml.data import _split_indices
 
     train, val = _split_indices(60000, N_VAL / 60000, subset, seed=0)
     return {"train": train.tolist(), "val": val.tolist()}

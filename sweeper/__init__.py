@@ -26,18 +26,18 @@ __version__ = "0.1.0"
 # The API is imported on first use, so `import sweeper` (and `sweeper --help`) stays
 # instant: optuna, torch and mlflow load only when a function needs them.
 _API = {
-    "best_trial": "sweeper.results",
-    "best_trials": "sweeper.results",
-    "get_trial": "sweeper.results",
-    "load_model": "sweeper.results",
-    "load_study": "sweeper.results",
-    "studies": "sweeper.results",
-    "trials": "sweeper.results",
-    "TrialResult": "sweeper.results",
-    "StudySummary": "sweeper.results",
-    "evaluate_trial": "sweeper.scoring",
-    "ensemble": "sweeper.scoring",
-    "build_report": "sweeper.report",
+    "best_trial": "sweeper.results.read",
+    "best_trials": "sweeper.results.read",
+    "get_trial": "sweeper.results.read",
+    "load_model": "sweeper.results.read",
+    "load_study": "sweeper.results.read",
+    "studies": "sweeper.results.read",
+    "trials": "sweeper.results.read",
+    "TrialResult": "sweeper.results.read",
+    "StudySummary": "sweeper.results.read",
+    "evaluate_trial": "sweeper.results.scoring",
+    "ensemble": "sweeper.results.scoring",
+    "build_report": "sweeper.results.report",
 }
 __all__ = [
     "StudySummary",
@@ -56,8 +56,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from sweeper.report import build_report
-    from sweeper.results import (
+    from sweeper.results.read import (
         StudySummary,
         TrialResult,
         best_trial,
@@ -68,7 +67,8 @@ if TYPE_CHECKING:
         studies,
         trials,
     )
-    from sweeper.scoring import ensemble, evaluate_trial
+    from sweeper.results.report import build_report
+    from sweeper.results.scoring import ensemble, evaluate_trial
 
 
 def __getattr__(name: str) -> Any:

@@ -24,7 +24,7 @@ from sweeper.errors import ConfigError, SweeperError
 if TYPE_CHECKING:
     import optuna
 
-    from sweeper.config import StudySpec
+    from sweeper.spec.config import StudySpec
     from sweeper.tracking import MlflowTracker
 
 app = typer.Typer(
@@ -170,7 +170,7 @@ def run(
     debug: Debug = False,
 ) -> None:
     """Create or resume the study in FILE and run trials until its budget is reached."""
-    from sweeper import config
+    from sweeper.spec import config
 
     with user_errors(debug):
         spec = config.load(file)
@@ -179,11 +179,11 @@ def run(
         beat = _duration(heartbeat, "--heartbeat")
         assert beat is not None
 
-        from sweeper.display import RunDisplay, print_summary
-        from sweeper.heartbeat import HeartbeatSettings
-        from sweeper.stopping import Stopped, stop_on_signals
-        from sweeper.storage import resolve_storage_url
-        from sweeper.study import RunOptions, open_study, run_study
+        from sweeper.fleet.heartbeat import HeartbeatSettings
+        from sweeper.fleet.stopping import Stopped, stop_on_signals
+        from sweeper.render.display import RunDisplay, print_summary
+        from sweeper.search.storage import resolve_storage_url
+        from sweeper.search.study import RunOptions, open_study, run_study
 
         options = RunOptions(storage=resolve_storage_url(storage), more_trials=trials,
                              timeout=seconds, device=device, data_dir=data_dir,
@@ -192,7 +192,7 @@ def run(
         display = RunDisplay(spec, err)
         tracker = None
         if jobs > 1:
-            from sweeper.jobs import run_jobs
+            from sweeper.fleet.jobs import run_jobs
 
             outcome = run_jobs(spec, options, jobs, tracking_uri=tracking_uri,
                                tracking=not no_tracking, progress=display, debug=debug)
@@ -231,7 +231,7 @@ def run(
 def _print_tracking(study: optuna.Study, spec: StudySpec, tracking_uri: str | None,
                     tracker: MlflowTracker | None) -> None:
     """Where the study's runs are, and how to browse them."""
-    from sweeper.storage import redact
+    from sweeper.search.storage import redact
     from sweeper.tracking import ATTR_EXPERIMENT, ATTR_PARENT_RUN
     from sweeper.tracking.uris import client_uri
 
@@ -256,7 +256,7 @@ def _print_tracking(study: optuna.Study, spec: StudySpec, tracking_uri: str | No
 
 
 def _duration(value: str | None, option: str) -> float | None:
-    from sweeper import config
+    from sweeper.spec import config
 
     if value is None:
         return None
@@ -268,7 +268,7 @@ def _duration(value: str | None, option: str) -> float | None:
 
 def _browse_hint(tracking_uri: str, experiment_id: str | None, spec: StudySpec) -> str:
     """Where to see the trials: the server's page, else `sweeper ui` on the local store."""
-    from sweeper import server
+    from sweeper.tracking import server
 
     if tracking_uri.startswith(("http://", "https://")) and experiment_id:
         objective = spec.objective_list[0]
@@ -284,8 +284,8 @@ def _browse_hint(tracking_uri: str, experiment_id: str | None, spec: StudySpec) 
 @app.command()
 def validate(file: StudyFile, debug: Debug = False) -> None:
     """Check a study file without running it, and print its search space."""
-    from sweeper import config, space
-    from sweeper.display import print_networks, print_space
+    from sweeper.render.display import print_networks, print_space
+    from sweeper.spec import config, space
 
     with user_errors(debug):
         spec = config.load(file)
@@ -313,8 +313,8 @@ def ui(
     debug: Debug = False,
 ) -> None:
     """Serve the MLflow UI on the store that `sweeper run` logs to (Ctrl-C stops it)."""
-    from sweeper import server
-    from sweeper.storage import redact
+    from sweeper.search.storage import redact
+    from sweeper.tracking import server
 
     with user_errors(debug):
         store = server.resolve_ui_store(backend_store_uri)
@@ -366,7 +366,7 @@ def reap(
     runs, and the parent run once nothing runs."""
     import json
 
-    from sweeper.reap import reap as reap_study
+    from sweeper.fleet.reap import reap as reap_study
 
     with user_errors(debug):
         _quiet_libraries(debug)
@@ -396,8 +396,9 @@ def reap(
 def studies(storage: StorageOpt = None, as_json: JsonOpt = False, debug: Debug = False
             ) -> None:
     """Every study in the storage: trials by state, best value(s), last activity."""
-    from sweeper import results, views
-    from sweeper.storage import redact, resolve_storage_url
+    from sweeper.render import views
+    from sweeper.results import read as results
+    from sweeper.search.storage import redact, resolve_storage_url
 
     with user_errors(debug):
         _quiet_libraries(debug)
@@ -430,7 +431,8 @@ def trials_command(
     debug: Debug = False,
 ) -> None:
     """A table of the study's trials: number, state, values, params, duration, run id."""
-    from sweeper import results, views
+    from sweeper.render import views
+    from sweeper.results import read as results
 
     with user_errors(debug):
         _quiet_libraries(debug)
@@ -462,7 +464,8 @@ def best(
 ) -> None:
     """The best trial: values, params, final metrics, MLflow run and model URI (a
     multi-objective study: its Pareto front)."""
-    from sweeper import results, views
+    from sweeper.render import views
+    from sweeper.results import read as results
 
     with user_errors(debug):
         _quiet_libraries(debug)
@@ -489,7 +492,7 @@ def report(
     debug: Debug = False,
 ) -> None:
     """One self-contained interactive page: the search, the architectures, the best trial."""
-    from sweeper.report import build_report
+    from sweeper.results.report import build_report
 
     with user_errors(debug):
         _quiet_libraries(debug)
@@ -518,8 +521,8 @@ def evaluate(
     what was logged."""
     import json
 
-    from sweeper import views
-    from sweeper.scoring import evaluate_trial
+    from sweeper.render import views
+    from sweeper.results.scoring import evaluate_trial
 
     with user_errors(debug):
         _quiet_libraries(debug)
@@ -548,8 +551,8 @@ def rerun(
 ) -> None:
     """Train a completed trial again from its logged config and seed, and print the logged
     final metrics beside the new ones (on the CPU they are identical)."""
-    from sweeper import views
-    from sweeper.rerun import rerun_trial
+    from sweeper.render import views
+    from sweeper.results.rerun import rerun_trial
 
     with user_errors(debug):
         _quiet_libraries(debug)
@@ -581,8 +584,8 @@ def ensemble(
     """The K best models vote (soft and hard) on the test split, beside the best one."""
     import json
 
-    from sweeper import views
-    from sweeper.scoring import ensemble as vote
+    from sweeper.render import views
+    from sweeper.results.scoring import ensemble as vote
 
     with user_errors(debug):
         _quiet_libraries(debug)
@@ -605,7 +608,7 @@ def ensemble(
 
 
 def _objectives(study: str, storage: str | None) -> list[str]:
-    from sweeper import results
+    from sweeper.results import read as results
 
     loaded = results.load_study(study, storage)
     return results.objective_names(loaded.user_attrs.get("sweeper.spec") or {},

@@ -2,7 +2,7 @@
 
 MLflow's `pyfunc` loader imports this module (the model's `MLmodel` names it as its
 `loader_module`) and calls `_load_pyfunc` on the model's `sweeper_model/` folder: the
-network is rebuilt by `sweeper.modelfile` from its config and safetensors weights, so
+network is rebuilt by `sweeper.ml.modelfile` from its config and safetensors weights, so
 nothing in the model's files is unpickled or executed.
 
 `predict` takes images as a person has them and prepares them as training did:
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sweeper.modelfile import ModelInfo, read_model
+from sweeper.ml.modelfile import ModelInfo, read_model
 
 if TYPE_CHECKING:
     from torch import nn

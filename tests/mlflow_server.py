@@ -1,7 +1,7 @@
 """A real `mlflow server` for integration tests: what users start with docker compose, as a
 subprocess on a free loopback port (DESIGN §7).
 
-The command and environment are `sweeper.server`'s (`server_command`, `server_env`: proxied
+The command and environment are `sweeper.tracking.server`'s (`server_command`, `server_env`: proxied
 artifacts, MLflow's background job runner off), with one worker. The server runs in its
 own session, so `stop` can end the server and the uvicorn worker it spawns together, and
 `kill` can take it away abruptly in the middle of a study.
@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from sweeper.server import local_command, server_command, server_env
+from sweeper.tracking.server import local_command, server_command, server_env
 
 STARTUP_TIMEOUT_S = 120.0
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"

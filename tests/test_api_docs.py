@@ -11,7 +11,7 @@ import pytest
 
 import sweeper
 
-MODULES = ("sweeper", "sweeper.results", "sweeper.scoring", "sweeper.redaction")
+MODULES = ("sweeper", "sweeper.results.read", "sweeper.results.scoring", "sweeper.redaction")
 
 
 def test_api_is_reexported_lazily() -> None:

@@ -20,7 +20,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "shapes": {"torch", "torchvision", "optuna", "mlflow"},
     "space": {"torch", "torchvision", "mlflow"},
     "data": {"optuna", "mlflow"},
-    "models": {"optuna", "mlflow", "torchvision", "sweeper.data"},
+    "models": {"optuna", "mlflow", "torchvision", "sweeper.ml.data"},
     "train": {"optuna", "mlflow"},
     "transfer": {"optuna", "mlflow"},
     "rerun": {"mlflow"},
@@ -28,9 +28,9 @@ FORBIDDEN: dict[str, set[str]] = {
     "plots": {"mlflow", "torch"},
     "images": {"mlflow", "torch", "optuna", "plotly"},
     "study": {"mlflow"},
-    "results": {"mlflow", "sweeper.train"},
+    "results": {"mlflow", "sweeper.ml.train"},
     "scoring": {"mlflow", "optuna"},
-    "report": {"torch", "mlflow", "sweeper.train"},
+    "report": {"torch", "mlflow", "sweeper.ml.train"},
     "views": {"torch", "optuna", "mlflow"},
 }
 # The one package that may import mlflow.

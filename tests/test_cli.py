@@ -79,8 +79,8 @@ def test_every_timeout_example_in_help_runs(study_file: Path, storage: str) -> N
 
 def test_study_examples_in_help_run(tmp_path: Path, storage: str) -> None:
     """The file and study-name examples of every command's help are real."""
-    from sweeper import config
-    from sweeper.study import open_study
+    from sweeper.search.study import open_study
+    from sweeper.spec import config
 
     file_example = re.search(r"e\.g\. (\S+\.yaml)", _help("validate")).group(1)
     result = runner.invoke(app, ["validate", str(REPO / file_example)])

@@ -1,7 +1,7 @@
 """The team setup (docker-compose.yml, docker/, .env.example) without Docker: the file is
 parsed and checked for what a team relies on (127.0.0.1-only ports, healthchecks, secrets
 from .env, two databases), and the MLflow server command it runs, which must be
-`sweeper.server.server_command`, is started for real on a fresh PostgreSQL database."""
+`sweeper.tracking.server.server_command`, is started for real on a fresh PostgreSQL database."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import yaml
 from mlflow_server import postgres_database
 
 from sweeper.errors import TrackingError
-from sweeper.server import (
+from sweeper.tracking.server import (
     AUTH_APP,
     COMPOSE_ALLOWED_HOSTS,
     SERVER_ENV,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sweeper import config
-from sweeper.config import ChoiceDim, FloatDim, IntDim
 from sweeper.errors import ConfigError
+from sweeper.spec import config
+from sweeper.spec.config import ChoiceDim, FloatDim, IntDim
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMAL = "name: t\ndataset: {name: mnist}\n"

@@ -11,11 +11,17 @@ from typing import Any
 import pytest
 import torch
 
-from sweeper import config, shapes
-from sweeper.config import ARCH_KEYS, OPTIMIZER_KEYS, OPTIMIZER_SPECIFIC, ModelConfig, TrainConfig
 from sweeper.errors import ConfigError
-from sweeper.models import build_model, count_parameters
-from sweeper.train import build_optimizer
+from sweeper.ml.models import build_model, count_parameters
+from sweeper.ml.train import build_optimizer
+from sweeper.spec import config, shapes
+from sweeper.spec.config import (
+    ARCH_KEYS,
+    OPTIMIZER_KEYS,
+    OPTIMIZER_SPECIFIC,
+    ModelConfig,
+    TrainConfig,
+)
 
 MNIST = (1, 28, 28)
 MODEL_KEYS = [k for k in ModelConfig.model_fields if k != "arch"]

@@ -1,4 +1,4 @@
-"""sweeper.data: loading, splitting, normalising, batching and augmenting on tensors."""
+"""sweeper.ml.data: loading, splitting, normalising, batching and augmenting on tensors."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from sweeper import data
-from sweeper.config import AugmentConfig, DatasetConfig, SyntheticConfig
-from sweeper.data import Dataset, Split, augment, batches, load_dataset, resolve_data_dir
 from sweeper.errors import DataError
+from sweeper.ml import data
+from sweeper.ml.data import Dataset, Split, augment, batches, load_dataset, resolve_data_dir
+from sweeper.spec.config import AugmentConfig, DatasetConfig, SyntheticConfig
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from sweeper.evaluate import evaluate_probabilities, predict_proba, prefixed
+from sweeper.ml.metrics import evaluate_probabilities, predict_proba, prefixed
 
 CLASSES = ["cat", "dog", "bird"]
 
@@ -152,7 +152,7 @@ def test_metrics_and_curves_match_scikit_learn(seed: int) -> None:
 
 
 def test_eval_batch_size_is_chosen_per_device_and_changes_no_result() -> None:
-    from sweeper.evaluate import EVAL_BATCH_SIZE, eval_batch_size
+    from sweeper.ml.metrics import EVAL_BATCH_SIZE, eval_batch_size
 
     assert eval_batch_size("cpu") == EVAL_BATCH_SIZE["cpu"]
     assert eval_batch_size(torch.device("cuda", 0)) == EVAL_BATCH_SIZE["cuda"]

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from mlflow_server import PG_ADMIN, MlflowServer, postgres_database
 from optuna.trial import TrialState
 
-from sweeper.storage import open_storage
+from sweeper.search.storage import open_storage
 
 pytestmark = pytest.mark.slow
 
@@ -363,7 +363,7 @@ def test_a_full_disk_is_one_line_exit_2_and_nothing_running(tmp_path: Path) -> N
 # --------------------------------------------------------------------------------------
 def test_kill_9_after_a_trial_loses_nothing_after_a_restart_and_a_reap(tmp_path: Path
                                                                         ) -> None:
-    from sweeper.stopping import TEST_SIGNAL_ENV
+    from sweeper.fleet.stopping import TEST_SIGNAL_ENV
 
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
     tracking = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"

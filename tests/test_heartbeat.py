@@ -13,17 +13,17 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from sweeper import config
-from sweeper.heartbeat import (
+from sweeper.fleet.heartbeat import (
     ATTR_RETRY_OF,
     ATTR_WORKER,
     HeartbeatSettings,
     beating,
     fail_lost_trials,
 )
-from sweeper.queries import StudyQueries
-from sweeper.storage import rdb_of
-from sweeper.study import RunOptions, Worker, count_finished, open_study, run_study
+from sweeper.search.queries import StudyQueries
+from sweeper.search.storage import rdb_of
+from sweeper.search.study import RunOptions, Worker, count_finished, open_study, run_study
+from sweeper.spec import config
 
 STUDY = """
 name: beats
@@ -206,7 +206,7 @@ def test_cuda_out_of_memory_is_freed_and_the_worker_goes_on(storage: str) -> Non
 # Each trial is judged by its own worker's settings
 # --------------------------------------------------------------------------------------
 def test_a_trial_is_judged_by_the_grace_its_own_worker_recorded(storage: str) -> None:
-    from sweeper.heartbeat import ATTR_HEARTBEAT
+    from sweeper.fleet.heartbeat import ATTR_HEARTBEAT
 
     study = open_study(config.loads(STUDY), storage)
     slow = abandoned_trial(study)  # a worker beating every 60 s: silent for a while is fine
@@ -235,7 +235,7 @@ def test_a_worker_whose_trial_was_taken_back_says_so_and_goes_on(
             fail_lost_trials(trial.study, FAST, everything=True)
         return [0.5], {}
 
-    with caplog.at_level("WARNING", logger="sweeper.study"):
+    with caplog.at_level("WARNING", logger="sweeper.search.study"):
         report = run_study(spec, RunOptions(storage=storage, device="cpu"),
                            objective=taken_back_while_training)
     # The lost trial counts once, as its retry: two more trials reach the budget of two.

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sweeper.evaluate import evaluate_probabilities
-from sweeper.images import confusion_image, write_trial_images
+from sweeper.ml.metrics import evaluate_probabilities
+from sweeper.render.images import confusion_image, write_trial_images
 
 CLASSES = ["cat", "dog", "bird"]
 

@@ -19,9 +19,9 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from sweeper.jobs import cpu_threads, slots, worker_device
-from sweeper.storage import open_storage
-from sweeper.study import count_finished
+from sweeper.fleet.jobs import cpu_threads, slots, worker_device
+from sweeper.search.storage import open_storage
+from sweeper.search.study import count_finished
 
 TINY = """
 name: {name}

@@ -21,11 +21,13 @@ import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from sweeper import config, modelfile, serving
+from sweeper import serving
 from sweeper.cli import app
 from sweeper.errors import SweeperError
-from sweeper.modelfile import ModelFileError, ModelInfo, read_model, write_model
-from sweeper.models import build_model
+from sweeper.ml import modelfile
+from sweeper.ml.modelfile import ModelFileError, ModelInfo, read_model, write_model
+from sweeper.ml.models import build_model
+from sweeper.spec import config
 
 STUDY = """
 name: trust
@@ -178,7 +180,7 @@ def trust_study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @contextlib.contextmanager
 def _in(root: Path) -> Iterator[None]:
     """`root` as the working directory, with the default local stores."""
-    from sweeper.results import _open_for_reading
+    from sweeper.results.read import _open_for_reading
 
     previous = Path.cwd()
     saved = {k: os.environ.pop(k, None) for k in ("SWEEPER_STORAGE", "MLFLOW_TRACKING_URI")}

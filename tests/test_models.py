@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from sweeper import models
-from sweeper.config import ARCH_KEYS, ModelConfig
 from sweeper.errors import InfeasibleConfig
-from sweeper.models import build_model, count_parameters
-from sweeper.shapes import plan
+from sweeper.ml import models
+from sweeper.ml.models import build_model, count_parameters
+from sweeper.spec.config import ARCH_KEYS, ModelConfig
+from sweeper.spec.shapes import plan
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)
@@ -335,8 +335,8 @@ def test_channels_last_and_bf16_autocast_on_cuda(variant: str) -> None:
 
 
 def test_models_imports_no_optuna_mlflow_or_data() -> None:
-    code = ("import sys, sweeper.models; "
-            "bad = [m for m in ('optuna', 'mlflow', 'sweeper.data', 'torchvision') "
+    code = ("import sys, sweeper.ml.models; "
+            "bad = [m for m in ('optuna', 'mlflow', 'sweeper.ml.data', 'torchvision') "
             "if m in sys.modules]; assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
@@ -357,7 +357,7 @@ def test_models_imports_no_optuna_mlflow_or_data() -> None:
 @pytest.mark.parametrize("input_shape", [MNIST, CIFAR], ids=["mnist", "cifar"])
 def test_new_options_match_their_plan_and_parameter_count(
         values: dict[str, Any], input_shape: tuple[int, int, int]) -> None:
-    from sweeper.shapes import parameter_count
+    from sweeper.spec.shapes import parameter_count
 
     cfg = ModelConfig(**values)
     model = build_model(cfg, input_shape, 10)

@@ -14,7 +14,7 @@ import numpy as np
 import optuna
 import pytest
 
-from sweeper import plots
+from sweeper.render import plots
 
 HISTORY = [
     {"epoch": 1, "train_loss": 1.2, "train_accuracy": 0.5, "val_loss": 1.0,

@@ -10,9 +10,9 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from sweeper.queries import StudyQueries
-from sweeper.results import _pareto_front
-from sweeper.storage import open_storage
+from sweeper.results.read import _pareto_front
+from sweeper.search.queries import StudyQueries
+from sweeper.search.storage import open_storage
 
 STATES = [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE,
           TrialState.COMPLETE, TrialState.WAITING, TrialState.COMPLETE]

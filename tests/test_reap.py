@@ -70,8 +70,8 @@ def test_reap_ends_what_a_killed_worker_left_in_both_systems(tmp_path: Path) -> 
 def test_reap_all_and_bad_questions(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
     spec_path = study_file(tmp_path, "idle", trials=1)
-    from sweeper import config
-    from sweeper.study import open_study
+    from sweeper.search.study import open_study
+    from sweeper.spec import config
 
     study = open_study(config.load(spec_path), storage)
     study.ask()  # RUNNING, no heartbeat ever: an old worker, or one that never started

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sweeper import config
 from sweeper.cli import app
-from sweeper.report import build_report
-from sweeper.study import RunOptions, run_study
+from sweeper.results.report import build_report
+from sweeper.search.study import RunOptions, run_study
+from sweeper.spec import config
 
 runner = CliRunner()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

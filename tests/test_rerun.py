@@ -7,10 +7,10 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from sweeper import config
 from sweeper.cli import app
-from sweeper.rerun import rerun_trial
-from sweeper.study import RunOptions, run_study
+from sweeper.results.rerun import rerun_trial
+from sweeper.search.study import RunOptions, run_study
+from sweeper.spec import config
 
 STUDY = """
 name: rerun-me

@@ -17,13 +17,14 @@ from mlflow import MlflowClient
 from mlflow_server import free_port, postgres_database
 from typer.testing import CliRunner
 
-from sweeper import config, results
 from sweeper.cli import app
-from sweeper.data import load_dataset
 from sweeper.errors import ResultError, StorageError, TrackingError
-from sweeper.evaluate import evaluate
-from sweeper.scoring import ensemble, evaluate_trial, hard_vote, soft_vote
-from sweeper.study import RunOptions, open_study, run_study
+from sweeper.ml.data import load_dataset
+from sweeper.ml.metrics import evaluate
+from sweeper.results import read as results
+from sweeper.results.scoring import ensemble, evaluate_trial, hard_vote, soft_vote
+from sweeper.search.study import RunOptions, open_study, run_study
+from sweeper.spec import config
 from sweeper.tracking import MlflowTracker
 
 runner = CliRunner()
@@ -216,7 +217,7 @@ def test_pareto_front_of_a_multi_objective_study(stores: dict[str, Any]) -> None
         pytest.skip("one backend is enough for the front's arithmetic")
     import optuna
 
-    from sweeper.storage import open_storage
+    from sweeper.search.storage import open_storage
 
     front = results.best_trials("pareto", storage=stores["storage"])
     study = optuna.load_study(study_name="pareto", storage=open_storage(stores["storage"]))
@@ -335,7 +336,7 @@ def test_no_completed_trial_and_no_model_are_one_line(stores: dict[str, Any],
         pytest.skip("the rules do not depend on the backend")
     import optuna
 
-    from sweeper.storage import open_storage
+    from sweeper.search.storage import open_storage
 
     optuna.create_study(study_name="empty", storage=open_storage(stores["storage"]))
     shown = cli(stores, "best", "empty")

@@ -10,9 +10,9 @@ import optuna
 import pytest
 import sqlalchemy.exc
 
-from sweeper import retrying
 from sweeper.errors import StorageError
-from sweeper.storage import open_storage
+from sweeper.search import retrying
+from sweeper.search.storage import open_storage
 
 
 def dropped() -> Exception:

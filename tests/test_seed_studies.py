@@ -12,8 +12,8 @@ import numpy as np
 import optuna
 import pytest
 
-from sweeper import config, shapes
-from sweeper.study import RunOptions, run_study
+from sweeper.search.study import RunOptions, run_study
+from sweeper.spec import config, shapes
 
 SEEDS = Path(__file__).resolve().parents[1] / "studies" / "seeds"
 FILES = sorted(SEEDS.glob("*.yaml"))

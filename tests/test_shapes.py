@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from sweeper.config import ModelConfig
 from sweeper.errors import InfeasibleConfig, TrialFailure
-from sweeper.shapes import Layer, plan
+from sweeper.spec.config import ModelConfig
+from sweeper.spec.shapes import Layer, plan
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)
@@ -30,8 +30,8 @@ def infeasible(cfg: ModelConfig, input_shape: tuple[int, int, int]) -> str:
 
 def test_importing_shapes_does_not_import_torch() -> None:
     # `sweeper validate` must start in well under a second; torch alone takes seconds.
-    code = ("import sys, sweeper.shapes; from sweeper.config import ModelConfig; "
-            "sweeper.shapes.plan(ModelConfig(), (1, 28, 28)); "
+    code = ("import sys, sweeper.spec.shapes; from sweeper.spec.config import ModelConfig; "
+            "sweeper.spec.shapes.plan(ModelConfig(), (1, 28, 28)); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60)

@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from sweeper import stopping
+from sweeper.fleet import stopping
 
 TINY = """
 name: sig

@@ -6,9 +6,10 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from sweeper import config, samplers, space
-from sweeper.config import ARCH_KEYS
 from sweeper.errors import DuplicateGridPoint
+from sweeper.search import samplers
+from sweeper.spec import config, space
+from sweeper.spec.config import ARCH_KEYS
 
 ARCH_SPACE = """
 name: arch

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import sqlalchemy
 
-from sweeper import sqlite
-from sweeper.storage import open_storage
+from sweeper.search import sqlite
+from sweeper.search.storage import open_storage
 
 
 def test_read_then_write_transactions_lose_no_update(tmp_path: Path) -> None:
@@ -64,7 +64,7 @@ def test_creation_lock_is_exclusive_between_processes(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from sweeper import sqlite\n"
+    code = ("import sys; from sweeper.search import sqlite\n"
             "with sqlite.creation_lock(sys.argv[1]):\n    print('got it')\n")
     with sqlite.creation_lock(tmp_path / "x.db"):
         waiting = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "x.db")],

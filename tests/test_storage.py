@@ -8,9 +8,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from sweeper import config
 from sweeper.errors import StorageError
-from sweeper.storage import (
+from sweeper.search.storage import (
     DEFAULT_STORAGE,
     engine_kwargs,
     open_storage,
@@ -18,7 +17,8 @@ from sweeper.storage import (
     resolve_storage_url,
     sqlalchemy_url,
 )
-from sweeper.study import RunOptions, run_study
+from sweeper.search.study import RunOptions, run_study
+from sweeper.spec import config
 
 
 def test_url_precedence(monkeypatch: pytest.MonkeyPatch) -> None:

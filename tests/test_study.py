@@ -10,9 +10,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweeper import config
 from sweeper.errors import StorageError
-from sweeper.study import RunOptions, Worker, count_finished, open_study, run_study
+from sweeper.search.study import RunOptions, Worker, count_finished, open_study, run_study
+from sweeper.spec import config
 
 SYNTHETIC = """
 name: {name}
@@ -111,9 +111,9 @@ def test_divergence_ends_fail_not_complete(storage: str) -> None:
 
 def test_unexpected_error_fails_one_trial_only(storage: str, monkeypatch: pytest.MonkeyPatch
                                                ) -> None:
-    import sweeper.models
+    import sweeper.ml.models
 
-    real = sweeper.models.build_model
+    real = sweeper.ml.models.build_model
     calls = {"n": 0}
 
     def flaky(*args: Any, **kwargs: Any) -> Any:
@@ -122,7 +122,7 @@ def test_unexpected_error_fails_one_trial_only(storage: str, monkeypatch: pytest
             raise RuntimeError("CUDA error: an illegal memory access\nsecond line")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sweeper.models, "build_model", flaky)
+    monkeypatch.setattr(sweeper.ml.models, "build_model", flaky)
     report = run_study(spec_of(), RunOptions(storage=storage, device="cpu"))
     assert [o.state for o in report.outcomes] == ["FAIL", "COMPLETE", "COMPLETE"]
     assert report.outcomes[0].reason == "RuntimeError: CUDA error: an illegal memory access"

@@ -28,13 +28,13 @@ from mlflow_server import (
 )
 from optuna.trial import TrialState
 
-from sweeper import config
 from sweeper.errors import TrackingError
-from sweeper.modelfile import MODEL_DIR, read_model
-from sweeper.plots import read_roc_csv
+from sweeper.ml.modelfile import MODEL_DIR, read_model
+from sweeper.render.plots import read_roc_csv
+from sweeper.search.storage import open_storage
+from sweeper.search.study import RunOptions, open_study, run_study
 from sweeper.serving import prepare_images
-from sweeper.storage import open_storage
-from sweeper.study import RunOptions, open_study, run_study
+from sweeper.spec import config
 from sweeper.tracking import (
     ATTR_PARENT_RUN,
     MlflowTracker,
@@ -230,8 +230,8 @@ def test_parent_run_holds_study_file_settings_best_and_figures(three_trials: dic
 
 
 def test_logged_model_reproduces_the_test_accuracy(three_trials: dict[str, Any]) -> None:
-    from sweeper.data import load_dataset
-    from sweeper.evaluate import evaluate
+    from sweeper.ml.data import load_dataset
+    from sweeper.ml.metrics import evaluate
 
     client, url = three_trials["client"], three_trials["url"]
     _, trials = runs_of(client, "layout")

@@ -12,16 +12,22 @@ import pytest
 import torch
 from torch import nn
 
-from sweeper.config import AugmentConfig, DatasetConfig, ModelConfig, OptimizerName, TrainConfig
-from sweeper.data import Dataset, load_dataset
 from sweeper.errors import Diverged, SweeperError
-from sweeper.models import build_model
-from sweeper.train import (
+from sweeper.ml.data import Dataset, load_dataset
+from sweeper.ml.models import build_model
+from sweeper.ml.train import (
     FitResult,
     build_optimizer,
     fit,
     resolve_device,
     seed_everything,
+)
+from sweeper.spec.config import (
+    AugmentConfig,
+    DatasetConfig,
+    ModelConfig,
+    OptimizerName,
+    TrainConfig,
 )
 
 CPU = torch.device("cpu")
@@ -170,9 +176,9 @@ def test_resolve_device() -> None:
 
 
 def test_train_module_never_imports_optuna_or_mlflow() -> None:
-    import sweeper.train
+    import sweeper.ml.train
 
-    tree = ast.parse(Path(sweeper.train.__file__).read_text())
+    tree = ast.parse(Path(sweeper.ml.train.__file__).read_text())
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -185,7 +191,7 @@ def test_train_module_never_imports_optuna_or_mlflow() -> None:
 def test_per_epoch_and_final_loss_agree(data: Dataset) -> None:
     """One definition of the loss: the last epoch's val_loss is the final val_loss of the
     same model on the same images, even where a probability underflows."""
-    from sweeper.evaluate import evaluate
+    from sweeper.ml.metrics import evaluate
 
     # A large lr makes a few confident mistakes, whose softmax underflows in float32.
     model = _model(data)
@@ -195,7 +201,7 @@ def test_per_epoch_and_final_loss_agree(data: Dataset) -> None:
 
 
 def test_mse_loss_trains_and_reports_cross_entropy(data: Dataset) -> None:
-    from sweeper.evaluate import evaluate
+    from sweeper.ml.metrics import evaluate
 
     model = _model(data)
     cfg = TrainConfig(lr=1e-2, batch_size=64, loss="mse")
@@ -213,7 +219,7 @@ def test_last_validation_is_the_final_evaluation_of_the_validation_split(data: D
                                                                          ) -> None:
     """fit keeps the last epoch's validation logits: the trial's final validation
     metrics come from them, with no second forward pass, and they are the model's own."""
-    from sweeper.evaluate import predict_logits
+    from sweeper.ml.metrics import predict_logits
 
     cnn = ModelConfig(arch="cnn", channels=[4], filter_size=3, padding="same", dropout=0.3)
     model = _model(data, cnn)

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torchvision
 
-from sweeper.config import DatasetConfig, ModelConfig, TrainConfig
-from sweeper.data import load_dataset
 from sweeper.errors import DataError
-from sweeper.models import build_model, count_parameters
-from sweeper.train import fit
+from sweeper.ml.data import load_dataset
+from sweeper.ml.models import build_model, count_parameters
+from sweeper.ml.train import fit
+from sweeper.spec.config import DatasetConfig, ModelConfig, TrainConfig
 
 MNIST = (1, 28, 28)
 
@@ -94,8 +94,8 @@ def test_a_saved_model_loads_without_its_pretrained_file(weights: tuple[Path, di
                                                           tmp_path: Path) -> None:
     """The saved weights replace the pretrained ones: loading a trial's model neither reads
     nor downloads the file it started from."""
-    from sweeper import config
-    from sweeper.modelfile import ModelInfo, read_model, write_model
+    from sweeper.ml.modelfile import ModelInfo, read_model, write_model
+    from sweeper.spec import config
 
     source = tmp_path / "resnet18.pth"
     source.write_bytes(weights[0].read_bytes())

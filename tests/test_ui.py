@@ -18,7 +18,13 @@ from typer.testing import CliRunner
 
 from sweeper.cli import app
 from sweeper.errors import TrackingError
-from sweeper.server import browser_url, resolve_ui_store, run_server, server_command, trial_runs_url
+from sweeper.tracking.server import (
+    browser_url,
+    resolve_ui_store,
+    run_server,
+    server_command,
+    trial_runs_url,
+)
 
 runner = CliRunner()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -4,7 +4,7 @@
 - `tracker`: `MlflowTracker`, the study loop's tracker: experiment, parent run, best so far,
   model registry, study figures.
 - `trial_run`: one trial's nested run: metrics, figures, tables, model, final status.
-- `reader`: the read side for `sweeper.results`: models, histories and artifacts back.
+- `reader`: the read side for `sweeper.results.read`: models, histories and artifacts back.
 - `common`: tag and attribute names, value conversions.
 """
 

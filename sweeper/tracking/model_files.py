@@ -1,5 +1,5 @@
 """A trial's model as an MLflow model whose files are data: `sweeper_model/` (config JSON
-and safetensors weights, see `sweeper.modelfile`), the `MLmodel` file naming
+and safetensors weights, see `sweeper.ml.modelfile`), the `MLmodel` file naming
 `sweeper.serving` as the pyfunc loader, a signature, an input example and the
 environment files.
 
@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sweeper.modelfile import (
+from sweeper.ml.modelfile import (
     CONFIG_FILE,
     FLAVOR,
     FORMAT,

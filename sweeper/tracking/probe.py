@@ -16,9 +16,9 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from sweeper import sqlite
 from sweeper.errors import TrackingError
-from sweeper.storage import redact
+from sweeper.search import sqlite
+from sweeper.search.storage import redact
 from sweeper.tracking.common import http_env, one_line
 from sweeper.tracking.uris import (
     PASSWORD_ENV,

@@ -1,5 +1,5 @@
-"""The read side of MLflow, for `sweeper.results`, `sweeper.report` and `sweeper.ensemble`:
-a trial's model, its per-epoch history and its artifacts, and the ensemble run.
+"""The read side of MLflow, for `sweeper.results.read`, `sweeper.results.report` and
+`sweeper.ensemble`: a trial's model, its per-epoch history and its artifacts, and the ensemble run.
 
 Everything a question about many trials needs comes from the Optuna storage (the trial
 records its run id and model id); MLflow is asked only about the few trials a command
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper.errors import SweeperError, TrackingError
-from sweeper.modelfile import ModelFileError
-from sweeper.storage import redact
+from sweeper.ml.modelfile import ModelFileError
+from sweeper.search.storage import redact
 from sweeper.tracking.common import (
     TAG_PARENT,
     TAG_ROLE,
@@ -80,7 +80,7 @@ class TrackingReader:
         """The run's page on the tracking server; None for a local store (no server)."""
         if not (is_http(self.tracking_uri) and experiment_id and run_id):
             return None
-        from sweeper.server import run_url
+        from sweeper.tracking.server import run_url
 
         return run_url(self.tracking_uri, experiment_id, run_id)
 
@@ -168,7 +168,7 @@ class TrackingReader:
         import mlflow.artifacts
         from mlflow.entities import LoggedModelStatus
 
-        from sweeper.modelfile import MODEL_DIR
+        from sweeper.ml.modelfile import MODEL_DIR
         from sweeper.tracking import model_files
 
         try:

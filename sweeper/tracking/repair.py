@@ -113,7 +113,7 @@ def fill_in_runs(client: MlflowClient, experiment_id: str, study_name: str,
     lacks. Returns the runs created or completed."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from sweeper.study import ATTR_CONFIG, ATTR_METRICS, ATTR_REASON
+    from sweeper.search.study import ATTR_CONFIG, ATTR_METRICS, ATTR_REASON
 
     finished = [t for t in trials if t.state.is_finished()]
     if not finished:

@@ -2,7 +2,7 @@
 trial runs it opens (`trial_run.py`), the best-so-far record, the model registry, and the
 statuses that mirror Optuna's states (DESIGN §2, §4, §6).
 
-`MlflowTracker` implements `sweeper.study.StudyTracker`; the study loop calls it and never
+`MlflowTracker` implements `sweeper.search.study.StudyTracker`; the study loop calls it and never
 MLflow itself. Choices worth knowing:
 
 - Every call goes through an explicit `MlflowClient(tracking_uri)`: no global tracking URI,
@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sweeper.errors import TrackingError, is_disk_full
-from sweeper.heartbeat import ATTR_WORKER
-from sweeper.storage import redact
-from sweeper.study import ATTR_RUN_ID
+from sweeper.fleet.heartbeat import ATTR_WORKER
+from sweeper.search.storage import redact
+from sweeper.search.study import ATTR_RUN_ID
 from sweeper.tracking.common import (
     ATTR_EXPERIMENT,
     ATTR_PARENT_RUN,
@@ -79,8 +79,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
-    from sweeper.config import StudySpec, TrialConfig
-    from sweeper.study import TrialOutcome
+    from sweeper.search.study import TrialOutcome
+    from sweeper.spec.config import StudySpec, TrialConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -296,7 +296,7 @@ class MlflowTracker:
     def _end_orphans(self, study: optuna.Study) -> None:
         """End the runs left RUNNING for trials Optuna has finished (their worker was
         killed with the run's end still queued), with the trial's state."""
-        from sweeper.study import ATTR_REASON
+        from sweeper.search.study import ATTR_REASON
         from sweeper.tracking.repair import reap_runs
 
         assert self.experiment_id is not None
@@ -631,7 +631,7 @@ class MlflowTracker:
         try:
             trials = [storage.get_trial(storage.get_trial_id_from_study_id_trial_number(
                 study._study_id, n)) for n in incomplete]
-            from sweeper.study import ATTR_REASON
+            from sweeper.search.study import ATTR_REASON
 
             reap_runs(self.client, self.experiment_id,
                       trial_states={t.number: t.state.name for t in trials},
@@ -649,7 +649,7 @@ class MlflowTracker:
     def _end_parent(self, study: optuna.Study, interrupted: bool) -> None:
         from optuna.trial import TrialState
 
-        from sweeper import plots
+        from sweeper.render import plots
 
         assert self.parent_run_id is not None
         with self.timed("end_study.wait"):

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sweeper import stopping
+from sweeper.fleet import stopping
 from sweeper.redaction import redact_text
-from sweeper.study import ATTR_MODEL_ID, ATTR_RUN_ID
+from sweeper.search.study import ATTR_MODEL_ID, ATTR_RUN_ID
 from sweeper.tracking import model_files
 from sweeper.tracking.common import (
     MLFLOW_STATUS,
@@ -51,8 +51,8 @@ from sweeper.tracking.common import (
 if TYPE_CHECKING:
     import optuna
 
-    from sweeper.config import TrialConfig
-    from sweeper.study import TrialOutcome
+    from sweeper.search.study import TrialOutcome
+    from sweeper.spec.config import TrialConfig
     from sweeper.tracking.tracker import MlflowTracker
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class _ModelFiles:
     signature: Any
     metadata: dict[str, Any]
     step: int
-    info: Any  # sweeper.modelfile.ModelInfo
+    info: Any  # sweeper.ml.modelfile.ModelInfo
 
 
 class TrialRun:
@@ -261,7 +261,7 @@ class TrialRun:
         the study's (parent run, `sweeper report`): a trial's would embed plotly.js, 2 MB."""
         import yaml
 
-        from sweeper import images, plots
+        from sweeper.render import images, plots
 
         assert self.run_id is not None
         with tempfile.TemporaryDirectory(prefix="sweeper-trial-") as tmp:
@@ -284,7 +284,7 @@ class TrialRun:
         """The model's record in MLflow (its id is known at once) and a CPU copy of it;
         the files themselves are written and uploaded in the background.
 
-        Saved as data (config JSON + safetensors weights, `sweeper.modelfile`), never
+        Saved as data (config JSON + safetensors weights, `sweeper.ml.modelfile`), never
         pickled: loading rebuilds the network from the config, so whoever can write to
         the artifact store cannot make a reader run code. The weights are copied to the
         CPU first, so a model trained on a GPU loads anywhere (and the GPU copy can be
@@ -293,7 +293,7 @@ class TrialRun:
         """
         import torch
 
-        from sweeper.modelfile import ModelInfo
+        from sweeper.ml.modelfile import ModelInfo
         from sweeper.tracking.model_files import output_signature
 
         tracker = self.tracker

@@ -8,7 +8,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from sweeper.storage import sqlalchemy_url
+from sweeper.search.storage import sqlalchemy_url
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"

@@ -31,7 +31,7 @@ def _retried(method: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> T:
-        from sweeper.retrying import retry
+        from sweeper.search.retrying import retry
 
         return retry(lambda: method(*args, **kwargs), f"read the study ({method.__name__})")
 

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sweeper.config import AugmentConfig, DatasetConfig, SyntheticConfig
 from sweeper.errors import DataError
+from sweeper.spec.config import AugmentConfig, DatasetConfig, SyntheticConfig
 
 DATA_DIR_ENV = "SWEEPER_DATA_DIR"
 CACHE_DIR_ENV = "SWEEPER_CACHE_DIR"

@@ -448,7 +448,7 @@ def trial_figures(history: Sequence[Mapping[str, float]], evaluations: Mapping[s
     """The figures of one trial: history, confusion matrix per split, test ROC.
 
     `evaluations` maps a split name to an object with `confusion`, `roc` and `metrics`
-    (duck-typed: `sweeper.evaluate.Evaluation`, which this module need not import).
+    (duck-typed: `sweeper.ml.metrics.Evaluation`, which this module need not import).
     """
     figures: dict[str, go.Figure] = {}
     if history:

@@ -33,14 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sweeper.config import AugmentConfig, TrainConfig
-from sweeper.data import augment as augment_batch
-from sweeper.data import batches
 from sweeper.errors import Diverged, SweeperError
-from sweeper.evaluate import cross_entropy_sum, eval_batch_size
+from sweeper.ml.data import augment as augment_batch
+from sweeper.ml.data import batches
+from sweeper.ml.metrics import cross_entropy_sum, eval_batch_size
+from sweeper.spec.config import AugmentConfig, TrainConfig
 
 if TYPE_CHECKING:
-    from sweeper.data import Dataset, Split
+    from sweeper.ml.data import Dataset, Split
 
 # (epoch starting at 1, that epoch's metrics) -> stop now?
 EpochHook = Callable[[int, dict[str, float]], bool]

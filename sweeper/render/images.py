@@ -2,7 +2,7 @@
 split, test ROC curves.
 
 A trial run gets pictures to glance at, tens of kilobytes each; the interactive plotly
-pages (`sweeper.plots`, which embeds plotly.js, about 2 MB a page) are for the study:
+pages (`sweeper.render.plots`, which embeds plotly.js, about 2 MB a page) are for the study:
 the parent run's figures and `sweeper report`. Drawn with matplotlib's object API (a
 `Figure` with the Agg canvas, no pyplot), which keeps no global state, so the tracker's
 background thread can draw while the next trial trains.
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sweeper.plots import (  # plotly itself is not imported by this
+from sweeper.render.plots import (  # plotly itself is not imported by this
     confusion_shares,
     thin_curve,
 )
@@ -33,7 +33,7 @@ def write_trial_images(folder: Path, history: Sequence[Mapping[str, float]],
     """Write history.png, confusion_matrix_<split>.png and roc_test.png into `folder`.
 
     `evaluations` maps a split name to an object with `confusion`, `roc` and `metrics`
-    (duck-typed: `sweeper.evaluate.Evaluation`). Returns the files written.
+    (duck-typed: `sweeper.ml.metrics.Evaluation`). Returns the files written.
     """
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

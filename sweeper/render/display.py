@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     import optuna
     from rich.progress import Progress, TaskID
 
-    from sweeper.config import StudySpec
-    from sweeper.study import RunReport, TrialOutcome
+    from sweeper.search.study import RunReport, TrialOutcome
+    from sweeper.spec.config import StudySpec
 
 STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan",
                "WAITING": "dim"}

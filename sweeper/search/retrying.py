@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sweeper import stopping
 from sweeper.errors import StorageError, is_disk_full
+from sweeper.fleet import stopping
 
 if TYPE_CHECKING:
     import optuna

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sweeper.config import ModelConfig
 from sweeper.errors import DataError
+from sweeper.spec.config import ModelConfig
 
 IMAGENET = "imagenet"
 NONE = "none"
@@ -106,7 +106,7 @@ def load_weights(source: str, data_dir: str | os.PathLike[str] | None = None
 def _imagenet(data_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
     from torchvision.models import ResNet18_Weights
 
-    from sweeper.data import resolve_data_dir
+    from sweeper.ml.data import resolve_data_dir
 
     weights = ResNet18_Weights.IMAGENET1K_V1
     folder = resolve_data_dir(data_dir) / WEIGHTS_FOLDER

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sweeper.config import TrialConfig
 from sweeper.errors import ResultError
-from sweeper.results import TrialResult, best_trials, get_trial, load_model
+from sweeper.results.read import TrialResult, best_trials, get_trial, load_model
+from sweeper.spec.config import TrialConfig
 from sweeper.tracking.common import ATTR_EXPERIMENT, ATTR_PARENT_RUN
 
 if TYPE_CHECKING:
-    from sweeper.data import Dataset
+    from sweeper.ml.data import Dataset
 
 # What `evaluate` compares and `ensemble` reports, in this order.
 HEADLINE = ("accuracy", "loss", "f1_macro", "f1_weighted", "precision_macro",
@@ -89,7 +89,7 @@ def evaluate_trial(study: str, number: int | None = None, *, storage: str | None
     >>> score.matches, score.metrics["accuracy"] == score.logged["accuracy"]
     (True, True)
     """
-    from sweeper.evaluate import evaluate
+    from sweeper.ml.metrics import evaluate
 
     trial = (get_trial(study, number, storage=storage, tracking_uri=tracking_uri)
              if number is not None else
@@ -121,7 +121,7 @@ def ensemble(study: str, top: int = 5, *, storage: str | None = None,
     >>> sorted(score.as_dict()["soft_vote"]["test"])[:3]
     ['accuracy', 'auc_macro', 'auc_micro']
     """
-    from sweeper.evaluate import evaluate_probabilities, predict_proba
+    from sweeper.ml.metrics import evaluate_probabilities, predict_proba
 
     if top < 2:
         raise ResultError(f"an ensemble needs `--top >= 2` models, but got {top}")
@@ -189,7 +189,7 @@ def hard_vote(probabilities: list[np.ndarray]) -> np.ndarray:
 
 def _log_ensemble(score: EnsembleScore, *, storage: str | None,
                   tracking_uri: str | None) -> str | None:
-    from sweeper.results import load_study
+    from sweeper.results.read import load_study
     from sweeper.tracking.reader import TrackingReader
 
     study = load_study(score.best_single.study, storage)
@@ -216,7 +216,7 @@ def _log_ensemble(score: EnsembleScore, *, storage: str | None,
 # Helpers
 # --------------------------------------------------------------------------------------
 def _dataset(trial: TrialResult, data_dir: str | Path | None, device: str) -> Dataset:
-    from sweeper.data import load_dataset
+    from sweeper.ml.data import load_dataset
 
     if not trial.config:
         raise ResultError(f"trial {trial.number} of study {trial.study!r} recorded no config "
@@ -226,7 +226,7 @@ def _dataset(trial: TrialResult, data_dir: str | Path | None, device: str) -> Da
 
 
 def _device(name: str | None) -> str:
-    from sweeper.train import resolve_device
+    from sweeper.ml.train import resolve_device
 
     return str(resolve_device(name))
 

@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sweeper import shapes
-from sweeper.config import ModelConfig
+from sweeper.spec import shapes
+from sweeper.spec.config import ModelConfig
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -50,7 +50,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int],
     layers = shapes.plan(cfg, input_shape, num_classes)
     if cfg.arch == "resnet18":
         # torchvision is imported only by the one arch that needs it.
-        from sweeper.transfer import build_resnet18
+        from sweeper.ml.transfer import build_resnet18
 
         return build_resnet18(cfg, input_shape[0], num_classes, data_dir)
     features = next(layer.shape[0] for layer in layers if layer.name == "flatten")

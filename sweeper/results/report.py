@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sweeper import plots
-from sweeper.display import fmt_value
 from sweeper.errors import SweeperError
-from sweeper.results import TrialResult, best_trials, load_study, objective_names
-from sweeper.study import ATTR_CONFIG, ATTR_SPEC
+from sweeper.render import plots
+from sweeper.render.display import fmt_value
+from sweeper.results.read import TrialResult, best_trials, load_study, objective_names
+from sweeper.search.study import ATTR_CONFIG, ATTR_SPEC
 
 if TYPE_CHECKING:
     import optuna
@@ -74,7 +74,7 @@ MAX_OVERLAID = 12
 
 def _trial_histories(study: optuna.Study, tracking_uri: str | None,
                      notes: list[str]) -> dict[str, go.Figure]:
-    from sweeper.results import trial_results
+    from sweeper.results.read import trial_results
     from sweeper.tracking.reader import TrackingReader
 
     done = [t for t in trial_results(study, tracking_uri=tracking_uri)

@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sweeper.queries import RETRY_OF, RunningTrial, StudyQueries
-from sweeper.storage import rdb_of
+from sweeper.search.queries import RETRY_OF, RunningTrial, StudyQueries
+from sweeper.search.storage import rdb_of
 
 if TYPE_CHECKING:
     import optuna
@@ -121,7 +121,7 @@ def fail_lost_trials(study: optuna.Study, settings: HeartbeatSettings, *,
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    from sweeper.study import ATTR_REASON
+    from sweeper.search.study import ATTR_REASON
 
     storage = rdb_of(study)
     queries = StudyQueries(storage, study._study_id)

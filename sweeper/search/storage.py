@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sweeper import retrying, sqlite
 from sweeper.errors import StorageError
 from sweeper.redaction import redact_text, redact_url
+from sweeper.search import retrying, sqlite
 
 if TYPE_CHECKING:
     import optuna

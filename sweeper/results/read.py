@@ -3,7 +3,7 @@ model (DESIGN §1). It never trains.
 
 Answers come from the Optuna storage: every finished trial records its resolved config,
 its final validation and test metrics, its MLflow run id and the id of its logged model
-(`sweeper.study.ATTR_*`). MLflow is asked only to load a model, to read one trial in
+(`sweeper.search.study.ATTR_*`). MLflow is asked only to load a model, to read one trial in
 depth, or (once, for many trials) to find models of trials that did not record them.
 
 Storage and tracking come from the arguments, else `$SWEEPER_STORAGE` and
@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper.errors import ResultError, SweeperError
-from sweeper.queries import StudyQueries
-from sweeper.storage import open_storage, rdb_of, redact, resolve_storage_url
-from sweeper.study import (
+from sweeper.search.queries import StudyQueries
+from sweeper.search.storage import open_storage, rdb_of, redact, resolve_storage_url
+from sweeper.search.study import (
     ATTR_CONFIG,
     ATTR_METRICS,
     ATTR_MODEL_ID,
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from torch import nn
 
-    from sweeper.config import StudySpec
+    from sweeper.spec.config import StudySpec
     from sweeper.tracking.reader import TrackingReader
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
@@ -243,7 +243,7 @@ class _Results:
         as lists (Optuna stores them as JSON text)."""
         if self._space is None:
             return dict(raw)
-        from sweeper.space import params_to_values
+        from sweeper.spec.space import params_to_values
 
         try:
             values = params_to_values(self._space, raw)
@@ -266,7 +266,7 @@ class _Results:
 
         if not (run_id and self.experiment_id and is_http(client_uri(self.tracking_uri))):
             return None
-        from sweeper.server import run_url
+        from sweeper.tracking.server import run_url
 
         return run_url(client_uri(self.tracking_uri), self.experiment_id, run_id)
 
@@ -314,7 +314,7 @@ def _plain(value: Any) -> Any:
 def _stored_spec(data: dict[str, Any]) -> StudySpec | None:
     """The study file as the study stored it, to decode params; None if it no longer
     validates (a study from an older sweeper)."""
-    from sweeper import config
+    from sweeper.spec import config
 
     if not data:
         return None

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sweeper.config import TrialConfig
 from sweeper.errors import SweeperError
+from sweeper.spec.config import TrialConfig
 
 if TYPE_CHECKING:
     from torch import nn
@@ -120,7 +120,7 @@ def read_model(folder: str | Path, *, device: str = "cpu") -> tuple[nn.Module, M
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    from sweeper.models import build_model
+    from sweeper.ml.models import build_model
 
     folder = Path(folder)
     info = read_info(folder)

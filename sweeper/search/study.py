@@ -25,19 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sweeper import heartbeat, retrying, samplers, space, stopping
-from sweeper.config import DatasetConfig, StudySpec, TrialConfig
 from sweeper.errors import ConfigError, DiskFull, StorageError, TrialFailure, is_disk_full
-from sweeper.heartbeat import ATTR_HEARTBEAT, ATTR_WORKER, HeartbeatSettings
-from sweeper.queries import StudyQueries
+from sweeper.fleet import heartbeat, stopping
+from sweeper.fleet.heartbeat import ATTR_HEARTBEAT, ATTR_WORKER, HeartbeatSettings
 from sweeper.redaction import redact_text
-from sweeper.storage import open_storage, rdb_of, redact
+from sweeper.search import retrying, samplers
+from sweeper.search.queries import StudyQueries
+from sweeper.search.storage import open_storage, rdb_of, redact
+from sweeper.spec import space
+from sweeper.spec.config import DatasetConfig, StudySpec, TrialConfig
 
 if TYPE_CHECKING:
     import optuna
     import torch
 
-    from sweeper.data import Dataset
+    from sweeper.ml.data import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +242,7 @@ class Worker:
                  tracker: StudyTracker | None = None,
                  progress: ProgressCallback | None = None,
                  objective: Objective | None = None) -> None:
-        from sweeper.train import resolve_device
+        from sweeper.ml.train import resolve_device
 
         self.spec = spec
         self.options = options
@@ -256,7 +258,7 @@ class Worker:
     # -- data ---------------------------------------------------------------------------
     def dataset(self, cfg: DatasetConfig) -> Dataset:
         """The dataset for a trial; reloaded only when a searched key changes it."""
-        from sweeper.data import load_dataset
+        from sweeper.ml.data import load_dataset
 
         key = cfg.model_copy(update={"augment": cfg.augment.model_construct()})
         if self._data is None or key != self._data_key:
@@ -511,9 +513,9 @@ class Worker:
         """The default objective: build, fit (reporting each epoch), evaluate, log."""
         import optuna
 
-        from sweeper.evaluate import evaluate, evaluate_logits, prefixed
-        from sweeper.models import build_model, count_parameters
-        from sweeper.train import fit, seed_everything
+        from sweeper.ml.metrics import evaluate, evaluate_logits, prefixed
+        from sweeper.ml.models import build_model, count_parameters
+        from sweeper.ml.train import fit, seed_everything
 
         data = self.dataset(config.dataset)
         seed_everything(config.train.seed)  # the same seed gives the same initial weights

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sweeper.config import TrialConfig
 from sweeper.errors import ResultError
-from sweeper.results import get_trial
-from sweeper.scoring import TrialScore
+from sweeper.results.read import get_trial
+from sweeper.results.scoring import TrialScore
+from sweeper.spec.config import TrialConfig
 
 # Logged figures that measure the machine, not the model: never compared.
 _NOT_COMPARED = ("train_seconds",)
@@ -24,10 +24,10 @@ def rerun_trial(study: str, number: int, *, storage: str | None = None,
                 device: str | None = None) -> TrialScore:
     """Retrain trial `number` of `study` and return its new final metrics beside the
     logged ones (the same keys: val_*, test_*, n_params, epochs_run)."""
-    from sweeper.data import load_dataset
-    from sweeper.evaluate import evaluate, prefixed
-    from sweeper.models import build_model, count_parameters
-    from sweeper.train import fit, resolve_device, seed_everything
+    from sweeper.ml.data import load_dataset
+    from sweeper.ml.metrics import evaluate, prefixed
+    from sweeper.ml.models import build_model, count_parameters
+    from sweeper.ml.train import fit, resolve_device, seed_everything
 
     trial = get_trial(study, number, storage=storage, tracking_uri=tracking_uri)
     if trial.state != "COMPLETE" or not trial.config:

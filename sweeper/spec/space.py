@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from sweeper import shapes
-from sweeper.config import (
+from sweeper.errors import InfeasibleConfig, TrialFailure
+from sweeper.spec import shapes
+from sweeper.spec.config import (
     ChoiceDim,
     Dimension,
     FloatDim,
@@ -29,7 +30,6 @@ from sweeper.config import (
     space_size,
     walk_space,
 )
-from sweeper.errors import InfeasibleConfig, TrialFailure
 
 if TYPE_CHECKING:
     import optuna

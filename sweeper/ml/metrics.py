@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from sweeper.data import Split
+    from sweeper.ml.data import Split
 
 # For probabilities given as such (an ensemble's average), the loss is the cross-entropy of
 # those probabilities, clipped to [EPS, 1] before the log: a confident wrong prediction

@@ -32,13 +32,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sweeper.errors import SweeperError
-from sweeper.stopping import Stopped, stop_on_signals
+from sweeper.fleet.stopping import Stopped, stop_on_signals
 
 if TYPE_CHECKING:
     import multiprocessing
 
-    from sweeper.config import StudySpec
-    from sweeper.study import Objective, ProgressCallback, RunOptions, RunReport, TrialOutcome
+    from sweeper.search.study import (
+        Objective,
+        ProgressCallback,
+        RunOptions,
+        RunReport,
+        TrialOutcome,
+    )
+    from sweeper.spec.config import StudySpec
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +142,7 @@ def worker_main(args: WorkerArgs, events: multiprocessing.Queue[Any]) -> None:
             events.put(("epoch", slot.index, {k: info[k] for k in
                                               ("trial", "epoch", "epochs", "metrics")}))
 
-    from sweeper.study import run_study
+    from sweeper.search.study import run_study
 
     code = 0
     try:
@@ -188,8 +194,8 @@ def run_jobs(spec: StudySpec, options: RunOptions, jobs: int, *,
     """
     import multiprocessing
 
-    from sweeper.data import load_dataset
-    from sweeper.study import RunReport, count_finished, open_or_create
+    from sweeper.ml.data import load_dataset
+    from sweeper.search.study import RunReport, count_finished, open_or_create
 
     show = progress or (lambda event, info: None)
     if tracking:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sweeper.config import ModelConfig
 from sweeper.errors import InfeasibleConfig
+from sweeper.spec.config import ModelConfig
 
 Shape = tuple[int, int, int]
 

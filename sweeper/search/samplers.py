@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sweeper import space
-from sweeper.config import StudySpec
 from sweeper.errors import DuplicateGridPoint
+from sweeper.spec import space
+from sweeper.spec.config import StudySpec
 
 if TYPE_CHECKING:
     import optuna

@@ -1,7 +1,7 @@
 """What the read commands print: tables for people, JSON lines and CSV for programs.
 
 `sweeper studies`, `trials`, `best`, `evaluate` and `ensemble` render here; the numbers
-come from `sweeper.results` and `sweeper.scoring`. JSON output is one object per line
+come from `sweeper.results.read` and `sweeper.results.scoring`. JSON output is one object per line
 (one per study or trial), so `sweeper best STUDY --json | jq .params` works for one
 trial and many alike.
 """
@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
-from sweeper.display import STATE_STYLE, fmt_params, fmt_seconds, fmt_value
+from sweeper.render.display import STATE_STYLE, fmt_params, fmt_seconds, fmt_value
 
 if TYPE_CHECKING:
-    from sweeper.results import StudySummary, TrialResult
-    from sweeper.scoring import EnsembleScore, TrialScore
+    from sweeper.results.read import StudySummary, TrialResult
+    from sweeper.results.scoring import EnsembleScore, TrialScore
 
 
 def json_lines(items: Sequence[Any]) -> str:
@@ -148,7 +148,7 @@ def evaluation_table(score: TrialScore, title: str | None = None) -> Table:
 
 
 def ensemble_table(score: EnsembleScore) -> Table:
-    from sweeper.scoring import HEADLINE
+    from sweeper.results.scoring import HEADLINE
 
     shown = [k for k in HEADLINE if k != "loss"]
     table = Table(title=f"{score.best_single.study}: the {len(score.members)} best models "

@@ -246,7 +246,7 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     eval_batch_size: int | None = Field(
         None, ge=1, description="batch size of validation and test passes; default: "
-                                "measured per device (sweeper.evaluate.EVAL_BATCH_SIZE)")
+                                "measured per device (sweeper.ml.metrics.EVAL_BATCH_SIZE)")
 
     @field_validator("betas")
     @classmethod

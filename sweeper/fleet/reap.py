@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sweeper.heartbeat import HeartbeatSettings, fail_lost_trials
-from sweeper.queries import StudyQueries
-from sweeper.storage import open_storage, rdb_of, resolve_storage_url
-from sweeper.study import ATTR_REASON
+from sweeper.fleet.heartbeat import HeartbeatSettings, fail_lost_trials
+from sweeper.search.queries import StudyQueries
+from sweeper.search.storage import open_storage, rdb_of, resolve_storage_url
+from sweeper.search.study import ATTR_REASON
 from sweeper.tracking.common import ATTR_EXPERIMENT, ATTR_PARENT_RUN
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def reap(study_name: str, *, storage: str | None = None, tracking_uri: str | Non
          retry: bool = True) -> ReapReport:
     """End the study's leftovers of crashed workers in Optuna and MLflow (see the module
     docstring); returns what was ended."""
-    from sweeper.results import load_study
+    from sweeper.results.read import load_study
 
     rdb = open_storage(resolve_storage_url(storage))
     study = load_study(study_name, rdb)

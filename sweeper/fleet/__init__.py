@@ -1,0 +1,1 @@
+"""Many workers on one study: `--jobs`, heartbeats, lost trials, reap, signals."""

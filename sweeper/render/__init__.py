@@ -1,0 +1,1 @@
+"""What people see: tables, progress, plotly figures and static images."""
