@@ -32,7 +32,7 @@ from typing import Any
 from _stores import mlflow_server, postgres_database
 
 from sweeper.fleet.heartbeat import HeartbeatSettings
-from sweeper.search.study import RunOptions, Worker, open_study
+from sweeper.search.study import RunOptions, Worker, open_or_create
 from sweeper.spec import config
 
 warnings.filterwarnings("ignore", message=r".*experimental feature.*")
@@ -101,14 +101,14 @@ def scaling(name: str, storage: str, tracking: str, jobs: int, trials: int, epoc
     assert not outcome.errors and not outcome.lost, (outcome.errors, outcome.lost)
     states = {o.state for o in outcome.report.outcomes}
     assert states == {"COMPLETE"}, states
-    steady, overall, stagger = steady_rate(open_study(spec, storage))
+    steady, overall, stagger = steady_rate(open_or_create(spec, storage)[0])
     return steady, overall, stagger, wall
 
 
 def bookkeeping(name: str, storage: str, tracking: str | None, trials: int,
                 objective: Any, models: str = "none") -> float:
     """Median ms per trial of the loop in this process (after one warm-up trial)."""
-    from sweeper.tracking import MlflowTracker
+    from sweeper.tracking.tracker import MlflowTracker
 
     spec = config.loads(STUDY.format(name=name, trials=trials + 1, epochs=1, models=models))
     tracker = MlflowTracker(tracking) if tracking else None
@@ -117,7 +117,7 @@ def bookkeeping(name: str, storage: str, tracking: str | None, trials: int,
     if tracker is not None:
         tracker.check()
     worker.dataset(spec.dataset)
-    study = open_study(spec, storage)
+    study = open_or_create(spec, storage)[0]
     if tracker is not None:
         tracker.start_study(study, spec)
     times = []

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from _stores import postgres_database
 
-from sweeper.search.study import open_study
+from sweeper.search.study import open_or_create
 from sweeper.spec import config
 
 # TPE's `group` option is marked experimental; the warning says nothing about speed.
@@ -53,7 +53,7 @@ def build(storage: str, n: int) -> None:
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     spec = config.loads(STUDY)
-    study = open_study(spec, storage)
+    study = open_or_create(spec, storage)[0]
     rng = random.Random(0)
     distributions = {
         "train.lr": FloatDistribution(1e-5, 1e-1, log=True),

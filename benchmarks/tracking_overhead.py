@@ -20,9 +20,9 @@ from pathlib import Path
 
 from _stores import mlflow_server
 
-from sweeper.search.study import RunOptions, Worker, open_study
+from sweeper.search.study import RunOptions, Worker, open_or_create
 from sweeper.spec import config
-from sweeper.tracking import MlflowTracker
+from sweeper.tracking.tracker import MlflowTracker
 
 STUDY = """
 name: overhead-{mode}
@@ -45,7 +45,7 @@ class Mode:
         self.tracker = MlflowTracker(tracking_uri) if tracking_uri else None
         self.worker = Worker(self.spec, options, tracker=self.tracker)
         self.worker.dataset(self.spec.dataset)
-        self.study = open_study(self.spec, options.storage)
+        self.study = open_or_create(self.spec, options.storage)[0]
         if self.tracker is not None:
             self.tracker.check()
             self.tracker.start_study(self.study, self.spec)

@@ -20,12 +20,13 @@ from rich.console import Console
 
 from sweeper import __version__
 from sweeper.errors import ConfigError, SweeperError
+from sweeper.keys import ATTR_EXPERIMENT, ATTR_PARENT_RUN, ATTR_SPEC
 
 if TYPE_CHECKING:
     import optuna
 
     from sweeper.spec.config import StudySpec
-    from sweeper.tracking import MlflowTracker
+    from sweeper.tracking.tracker import MlflowTracker
 
 app = typer.Typer(
     name="sweeper",
@@ -182,8 +183,8 @@ def run(
         from sweeper.fleet.heartbeat import HeartbeatSettings
         from sweeper.fleet.stopping import Stopped, stop_on_signals
         from sweeper.render.display import RunDisplay, print_summary
-        from sweeper.search.storage import resolve_storage_url
-        from sweeper.search.study import RunOptions, open_study, run_study
+        from sweeper.search.study import RunOptions, open_or_create, run_study
+        from sweeper.uris import resolve_storage_url
 
         options = RunOptions(storage=resolve_storage_url(storage), more_trials=trials,
                              timeout=seconds, device=device, data_dir=data_dir,
@@ -205,13 +206,13 @@ def run(
                 raise stop
         else:
             if not no_tracking:
-                from sweeper.tracking import MlflowTracker
+                from sweeper.tracking.tracker import MlflowTracker
 
                 # run_study calls tracker.check() before it writes anything.
                 tracker = MlflowTracker(tracking_uri, device=device, worker=options.worker)
             with stop_on_signals():
                 report = run_study(spec, options, tracker=tracker, progress=display)
-        study = report.study or open_study(spec, options.storage)
+        study = report.study or open_or_create(spec, options.storage)[0]
         if report.stopped_by == "nothing-to-do":
             out.print(f"study {spec.name!r} already has {report.finished_before}/"
                       f"{report.target} trials: nothing to do (use --trials N to run N more)")
@@ -232,8 +233,7 @@ def _print_tracking(study: optuna.Study, spec: StudySpec, tracking_uri: str | No
                     tracker: MlflowTracker | None) -> None:
     """Where the study's runs are, and how to browse them."""
     from sweeper.search.storage import redact
-    from sweeper.tracking import ATTR_EXPERIMENT, ATTR_PARENT_RUN
-    from sweeper.tracking.uris import client_uri
+    from sweeper.uris import client_uri
 
     parent = study.user_attrs.get(ATTR_PARENT_RUN)
     if parent is None or (tracker is not None and tracker.parent_run_id is None):
@@ -269,13 +269,14 @@ def _duration(value: str | None, option: str) -> float | None:
 def _browse_hint(tracking_uri: str, experiment_id: str | None, spec: StudySpec) -> str:
     """Where to see the trials: the server's page, else `sweeper ui` on the local store."""
     from sweeper.tracking import server
+    from sweeper.uris import DEFAULT_TRACKING_URI, sqlite_path
 
     if tracking_uri.startswith(("http://", "https://")) and experiment_id:
         objective = spec.objective_list[0]
         return server.trial_runs_url(tracking_uri, experiment_id, objective.metric,
                                      objective.direction == "maximize")
-    default = server.sqlite_path(server.DEFAULT_TRACKING_URI)
-    here = server.sqlite_path(tracking_uri)
+    default = sqlite_path(DEFAULT_TRACKING_URI)
+    here = sqlite_path(tracking_uri)
     if here is not None and default is not None and here.resolve() == default.resolve():
         return "sweeper ui"
     return f"sweeper ui --backend-store-uri {tracking_uri}"
@@ -315,11 +316,12 @@ def ui(
     """Serve the MLflow UI on the store that `sweeper run` logs to (Ctrl-C stops it)."""
     from sweeper.search.storage import redact
     from sweeper.tracking import server
+    from sweeper.uris import sqlite_path
 
     with user_errors(debug):
         store = server.resolve_ui_store(backend_store_uri)
         auth = server.ui_auth_env(host, store)  # refuses a non-loopback host without one
-        database = server.sqlite_path(store)
+        database = sqlite_path(store)
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
         artifacts = artifacts or server.default_artifacts(store)
@@ -398,7 +400,8 @@ def studies(storage: StorageOpt = None, as_json: JsonOpt = False, debug: Debug =
     """Every study in the storage: trials by state, best value(s), last activity."""
     from sweeper.render import views
     from sweeper.results import read as results
-    from sweeper.search.storage import redact, resolve_storage_url
+    from sweeper.search.storage import redact
+    from sweeper.uris import resolve_storage_url
 
     with user_errors(debug):
         _quiet_libraries(debug)
@@ -611,7 +614,7 @@ def _objectives(study: str, storage: str | None) -> list[str]:
     from sweeper.results import read as results
 
     loaded = results.load_study(study, storage)
-    return results.objective_names(loaded.user_attrs.get("sweeper.spec") or {},
+    return results.objective_names(loaded.user_attrs.get(ATTR_SPEC) or {},
                                    len(loaded.directions))
 
 

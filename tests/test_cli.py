@@ -79,14 +79,14 @@ def test_every_timeout_example_in_help_runs(study_file: Path, storage: str) -> N
 
 def test_study_examples_in_help_run(tmp_path: Path, storage: str) -> None:
     """The file and study-name examples of every command's help are real."""
-    from sweeper.search.study import open_study
+    from sweeper.search.study import open_or_create
     from sweeper.spec import config
 
     file_example = re.search(r"e\.g\. (\S+\.yaml)", _help("validate")).group(1)
     result = runner.invoke(app, ["validate", str(REPO / file_example)])
     assert result.exit_code == 0, result.output
     name_example = re.search(r"e\.g\. (\w+);", _help("trials")).group(1)
-    open_study(config.load(REPO / file_example), storage)
+    open_or_create(config.load(REPO / file_example), storage)[0]
     assert config.load(REPO / file_example).name == name_example
     result = runner.invoke(app, ["trials", name_example, "--storage", storage])
     assert result.exit_code == 0, result.output

@@ -13,16 +13,11 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from sweeper.fleet.heartbeat import (
-    ATTR_RETRY_OF,
-    ATTR_WORKER,
-    HeartbeatSettings,
-    beating,
-    fail_lost_trials,
-)
+from sweeper.fleet.heartbeat import HeartbeatSettings, beating, fail_lost_trials
+from sweeper.keys import ATTR_HEARTBEAT, ATTR_RETRY_OF, ATTR_WORKER
 from sweeper.search.queries import StudyQueries
 from sweeper.search.storage import rdb_of
-from sweeper.search.study import RunOptions, Worker, count_finished, open_study, run_study
+from sweeper.search.study import RunOptions, Worker, count_finished, open_or_create, run_study
 from sweeper.spec import config
 
 STUDY = """
@@ -54,7 +49,7 @@ def abandoned_trial(study: optuna.Study) -> optuna.Trial:
 
 
 def test_beating_records_heartbeats_until_the_block_ends(storage: str) -> None:
-    study = open_study(config.loads(STUDY), storage)
+    study = open_or_create(config.loads(STUDY), storage)[0]
     trial = study.ask()
     queries = StudyQueries(rdb_of(study), study._study_id)
     with beating(rdb_of(study), trial._trial_id, FAST):
@@ -69,7 +64,7 @@ def test_beating_records_heartbeats_until_the_block_ends(storage: str) -> None:
 
 def test_a_lost_trial_fails_is_requeued_once_and_runs_again(storage: str) -> None:
     spec = config.loads(STUDY)
-    study = open_study(spec, storage)
+    study = open_or_create(spec, storage)[0]
     lost = abandoned_trial(study)
     lr = lost.params["train.lr"]
     assert fail_lost_trials(study, FAST) == []  # still within its grace period
@@ -97,7 +92,7 @@ def test_a_lost_trial_fails_is_requeued_once_and_runs_again(storage: str) -> Non
 
 
 def test_a_retry_that_is_lost_again_is_not_requeued(storage: str) -> None:
-    study = open_study(config.loads(STUDY), storage)
+    study = open_or_create(config.loads(STUDY), storage)[0]
     abandoned_trial(study)
     time.sleep(2.2)
     assert fail_lost_trials(study, FAST) == [(0, 1)]
@@ -113,7 +108,7 @@ def test_a_worker_at_the_budget_waits_for_a_silent_trial_and_runs_its_retry(stor
                                                                             ) -> None:
     """The last worker standing takes back a trial lost near the end of the study."""
     spec = config.loads(STUDY.replace("trials: 3", "trials: 1"))
-    study = open_study(spec, storage)
+    study = open_or_create(spec, storage)[0]
     abandoned_trial(study)  # trial 0: RUNNING, its worker gone; the budget is one trial
     time.sleep(1.5)  # silent for a few beats already
     report = run_study(spec, RunOptions(storage=storage, device="cpu", heartbeat=FAST))
@@ -127,7 +122,7 @@ def test_a_worker_does_not_wait_for_trials_whose_workers_beat(storage: str) -> N
     """Another worker's live trial counts toward the budget (no overshoot) and is that
     worker's to finish: this one stops without waiting for it."""
     spec = config.loads(STUDY.replace("trials: 3", "trials: 2"))
-    study = open_study(spec, storage)
+    study = open_or_create(spec, storage)[0]
     other = study.ask()  # another worker's trial, alive and beating
     with beating(rdb_of(study), other._trial_id, FAST):
         started = time.monotonic()
@@ -206,9 +201,8 @@ def test_cuda_out_of_memory_is_freed_and_the_worker_goes_on(storage: str) -> Non
 # Each trial is judged by its own worker's settings
 # --------------------------------------------------------------------------------------
 def test_a_trial_is_judged_by_the_grace_its_own_worker_recorded(storage: str) -> None:
-    from sweeper.fleet.heartbeat import ATTR_HEARTBEAT
 
-    study = open_study(config.loads(STUDY), storage)
+    study = open_or_create(config.loads(STUDY), storage)[0]
     slow = abandoned_trial(study)  # a worker beating every 60 s: silent for a while is fine
     rdb_of(study).set_trial_system_attr(slow._trial_id, ATTR_HEARTBEAT,
                                         HeartbeatSettings.from_interval(60).as_attr())

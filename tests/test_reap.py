@@ -70,10 +70,10 @@ def test_reap_ends_what_a_killed_worker_left_in_both_systems(tmp_path: Path) -> 
 def test_reap_all_and_bad_questions(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
     spec_path = study_file(tmp_path, "idle", trials=1)
-    from sweeper.search.study import open_study
+    from sweeper.search.study import open_or_create
     from sweeper.spec import config
 
-    study = open_study(config.load(spec_path), storage)
+    study = open_or_create(config.load(spec_path), storage)[0]
     study.ask()  # RUNNING, no heartbeat ever: an old worker, or one that never started
     shown = reap("idle", "--all", "--no-retry", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 from sweeper.cli import app
 from sweeper.redaction import RedactingFilter, redact_text, redact_url, without_credentials
 from sweeper.tracking.server import ui_auth_env
-from sweeper.tracking.uris import credentials_to_env
+from sweeper.uris import credentials_to_env
 
 SECRET = "Sw33p-s3cret-XYZ"  # must appear nowhere a person or a record can see
 runner = CliRunner()

@@ -8,7 +8,7 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from sweeper.tracking.common import TAG_ROLE, TAG_STATE, TAG_TRIAL
+from sweeper.keys import TAG_ROLE, TAG_STATE, TAG_TRIAL
 from sweeper.tracking.repair import fill_in_runs
 
 

@@ -23,9 +23,9 @@ from sweeper.ml.data import load_dataset
 from sweeper.ml.metrics import evaluate
 from sweeper.results import read as results
 from sweeper.results.scoring import ensemble, evaluate_trial, hard_vote, soft_vote
-from sweeper.search.study import RunOptions, open_study, run_study
+from sweeper.search.study import RunOptions, open_or_create, run_study
 from sweeper.spec import config
-from sweeper.tracking import MlflowTracker
+from sweeper.tracking.tracker import MlflowTracker
 
 runner = CliRunner()
 
@@ -62,7 +62,7 @@ space:
 def run(spec_text: str, storage: str, tracking_uri: str | None,
         enqueue: list[dict[str, Any]] | None = None) -> None:
     spec = config.loads(spec_text)
-    study = open_study(spec, storage)
+    study = open_or_create(spec, storage)[0]
     for params in enqueue or []:
         study.enqueue_trial(params)
     tracker = MlflowTracker(tracking_uri) if tracking_uri else None

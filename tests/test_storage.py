@@ -9,16 +9,10 @@ import optuna
 import pytest
 
 from sweeper.errors import StorageError
-from sweeper.search.storage import (
-    DEFAULT_STORAGE,
-    engine_kwargs,
-    open_storage,
-    redact,
-    resolve_storage_url,
-    sqlalchemy_url,
-)
+from sweeper.search.storage import engine_kwargs, open_storage, redact
 from sweeper.search.study import RunOptions, run_study
 from sweeper.spec import config
+from sweeper.uris import DEFAULT_STORAGE, resolve_storage_url, sqlalchemy_url
 
 
 def test_url_precedence(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from sweeper.errors import StorageError
-from sweeper.search.study import RunOptions, Worker, count_finished, open_study, run_study
+from sweeper.search.study import RunOptions, Worker, count_finished, open_or_create, run_study
 from sweeper.spec import config
 
 SYNTHETIC = """
@@ -81,7 +81,7 @@ def test_infeasible_and_failing_trials_fail_with_reason_and_study_goes_on(storag
                       "  train.lr: {float: [1.0e-3, 3.0e-2], log: true}":
                       "  model.filter_size: {choice: [3, 7]}\n"
                       "  train.optimizer: {choice: [adam, sgd]}"})
-    study = open_study(spec, storage)
+    study = open_or_create(spec, storage)[0]
     study.enqueue_trial({"model.filter_size": 7, "train.optimizer": "adam"})  # 12→6→0
     study.enqueue_trial({"model.filter_size": 3, "train.optimizer": "adam"})
     report = run_study(spec, RunOptions(storage=storage, device="cpu", more_trials=2))
@@ -136,7 +136,7 @@ def test_pruner_prunes_a_poor_trial(storage: str) -> None:
                       "budget: {trials: 3, epochs: 2}": "budget: {trials: 3, epochs: 3}",
                       "  train.lr: {float: [1.0e-3, 3.0e-2], log: true}":
                       "  train.lr: {float: [1.0e-6, 3.0e-2], log: true}"})
-    study = open_study(spec, storage)
+    study = open_or_create(spec, storage)[0]
     study.enqueue_trial({"train.lr": 0.02})
     study.enqueue_trial({"train.lr": 1e-6})  # learns nothing: below the median at epoch 1
     report = run_study(spec, RunOptions(storage=storage, device="cpu", more_trials=2))

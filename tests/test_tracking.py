@@ -29,19 +29,14 @@ from mlflow_server import (
 from optuna.trial import TrialState
 
 from sweeper.errors import TrackingError
+from sweeper.keys import ATTR_PARENT_RUN
 from sweeper.ml.modelfile import MODEL_DIR, read_model
 from sweeper.render.plots import read_roc_csv
 from sweeper.search.storage import open_storage
-from sweeper.search.study import RunOptions, open_study, run_study
+from sweeper.search.study import RunOptions, open_or_create, run_study
 from sweeper.serving import prepare_images
 from sweeper.spec import config
-from sweeper.tracking import (
-    ATTR_PARENT_RUN,
-    MlflowTracker,
-    default_artifact_root,
-    model_files,
-    resolve_tracking_uri,
-)
+from sweeper.tracking import MlflowTracker, default_artifact_root, model_files, resolve_tracking_uri
 
 SYNTHETIC = """
 name: {name}
@@ -330,7 +325,7 @@ def test_resume_adds_trials_under_the_same_parent(mlflow_url: str, storage: str)
 
 def test_workers_starting_together_share_one_parent(mlflow_url: str, storage: str) -> None:
     spec = spec_of("together")
-    studies = [open_study(spec, storage) for _ in range(2)]
+    studies = [open_or_create(spec, storage)[0] for _ in range(2)]
     trackers = [MlflowTracker(mlflow_url) for _ in range(2)]
     barrier = threading.Barrier(2)
     errors: list[BaseException] = []
@@ -405,7 +400,7 @@ def test_complete_pruned_and_failed_trials_map_to_run_statuses(mlflow_url: str,
         "  train.lr: {float: [1.0e-3, 3.0e-2], log: true}":
             "  train.lr: {float: [1.0e-6, 3.0e-2], log: true}\n"
             "  model.filter_size: {choice: [3, 7]}"})
-    study = open_study(spec, storage)
+    study = open_or_create(spec, storage)[0]
     study.enqueue_trial({"train.lr": 0.02, "model.filter_size": 3})
     study.enqueue_trial({"train.lr": 1e-6, "model.filter_size": 3})  # below the median
     study.enqueue_trial({"train.lr": 0.02, "model.filter_size": 7})  # 12→6→0: infeasible
@@ -453,7 +448,7 @@ def test_models_best_logs_only_improvements_and_moves_the_alias(mlflow_url: str,
     spec = spec_of("policy-best", models="best", **{
         "  train.lr: {float: [1.0e-3, 3.0e-2], log: true}":
             "  train.lr: {float: [1.0e-6, 3.0e-2], log: true}"})
-    study = open_study(spec, storage)
+    study = open_or_create(spec, storage)[0]
     for lr in (1e-6, 0.02, 1e-6):  # poor, then better, then worse than the best
         study.enqueue_trial({"train.lr": lr})
     run_study(spec, RunOptions(storage=storage, device="cpu"), tracker=MlflowTracker(mlflow_url))

@@ -24,7 +24,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sweeper.search.queries import RETRY_OF, RunningTrial, StudyQueries
+from sweeper.keys import (
+    ATTR_REASON,
+    ATTR_RETRY_OF,
+    LOST_REASON,
+    RETRY_HISTORY,
+    RETRY_OF,
+)
+from sweeper.search.queries import RunningTrial, StudyQueries
 from sweeper.search.storage import rdb_of
 
 if TYPE_CHECKING:
@@ -32,12 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Optuna user attributes (the read side shows them).
-ATTR_WORKER = "worker"  # "host:pid" of the process that ran the trial
-ATTR_RETRY_OF = "retry_of"  # on a retry: the number of the lost trial it replaces
-# Optuna system attribute: {"interval_s": ..., "grace_s": ...} of the trial's own worker.
-ATTR_HEARTBEAT = "sweeper:heartbeat"
-LOST_REASON = "worker lost"
 # How many times a lost trial is re-queued: a config that kills its worker every time (a
 # host out of memory) is tried twice, not forever.
 MAX_RETRIES = 1
@@ -121,7 +122,6 @@ def fail_lost_trials(study: optuna.Study, settings: HeartbeatSettings, *,
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    from sweeper.search.study import ATTR_REASON
 
     storage = rdb_of(study)
     queries = StudyQueries(storage, study._study_id)
@@ -161,14 +161,14 @@ def _requeue(study: optuna.Study, lost: optuna.trial.FrozenTrial) -> int | None:
     was itself retried `MAX_RETRIES` times over. Returns its number."""
     import optuna
 
-    history = list(lost.system_attrs.get("retry_history", []))
+    history = list(lost.system_attrs.get(RETRY_HISTORY, []))
     if len(history) >= MAX_RETRIES:
         return None
     system_attrs: dict[str, Any] = {
         key: value for key, value in lost.system_attrs.items()
         if key in ("grid_id", "search_space", "fixed_params")}  # not ATTR_HEARTBEAT
     system_attrs[RETRY_OF] = lost.system_attrs.get(RETRY_OF, lost.number)
-    system_attrs["retry_history"] = [*history, lost.number]
+    system_attrs[RETRY_HISTORY] = [*history, lost.number]
     copy = optuna.trial.create_trial(
         state=optuna.trial.TrialState.WAITING, params=lost.params,
         distributions=lost.distributions, user_attrs={ATTR_RETRY_OF: lost.number},

@@ -149,7 +149,7 @@ def worker_main(args: WorkerArgs, events: multiprocessing.Queue[Any]) -> None:
         with stop_on_signals():
             tracker = None
             if args.tracking:
-                from sweeper.tracking import MlflowTracker
+                from sweeper.tracking.tracker import MlflowTracker
 
                 tracker = MlflowTracker(args.tracking_uri, device=device, worker=worker)
             report = run_study(args.spec, options, tracker=tracker, progress=progress,
@@ -199,7 +199,7 @@ def run_jobs(spec: StudySpec, options: RunOptions, jobs: int, *,
 
     show = progress or (lambda event, info: None)
     if tracking:
-        from sweeper.tracking import MlflowTracker
+        from sweeper.tracking.tracker import MlflowTracker
 
         MlflowTracker(tracking_uri).check()
     load_dataset(spec.dataset, device="cpu", data_dir=options.data_dir)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sweeper.fleet.heartbeat import HeartbeatSettings, fail_lost_trials
+from sweeper.keys import ATTR_EXPERIMENT, ATTR_PARENT_RUN, ATTR_REASON
 from sweeper.search.queries import StudyQueries
-from sweeper.search.storage import open_storage, rdb_of, resolve_storage_url
-from sweeper.search.study import ATTR_REASON
-from sweeper.tracking.common import ATTR_EXPERIMENT, ATTR_PARENT_RUN
+from sweeper.search.storage import open_storage, rdb_of
+from sweeper.uris import resolve_storage_url
 
 if TYPE_CHECKING:
     from sweeper.tracking.repair import EndedRun

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from sweeper.keys import ATTR_REASON
+
 if TYPE_CHECKING:
     import optuna
     from rich.progress import Progress, TaskID
@@ -162,7 +164,7 @@ def trials_table(study: optuna.Study, *, limit: int = 20, highlight: Sequence[in
         number = f"[bold]{trial.number}[/]" if trial.number in highlight else str(trial.number)
         table.add_row(number, Text(state, style=STATE_STYLE.get(state, "")),
                       *[fmt_value(v) for v in values], Text(fmt_params(trial.params)),
-                      fmt_seconds(seconds), Text(str(trial.user_attrs.get("fail_reason", ""))))
+                      fmt_seconds(seconds), Text(str(trial.user_attrs.get(ATTR_REASON, ""))))
     return table
 
 

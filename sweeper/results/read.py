@@ -21,21 +21,22 @@ import functools
 import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper.errors import ResultError, SweeperError
-from sweeper.search.queries import StudyQueries
-from sweeper.search.storage import open_storage, rdb_of, redact, resolve_storage_url
-from sweeper.search.study import (
+from sweeper.keys import (
     ATTR_CONFIG,
+    ATTR_EXPERIMENT,
     ATTR_METRICS,
     ATTR_MODEL_ID,
+    ATTR_PARENT_RUN,
     ATTR_REASON,
     ATTR_RUN_ID,
     ATTR_SPEC,
 )
-from sweeper.tracking.common import ATTR_EXPERIMENT, ATTR_PARENT_RUN
+from sweeper.search.queries import StudyQueries
+from sweeper.search.storage import open_storage, rdb_of, redact
+from sweeper.uris import resolve_storage_url, sqlite_path
 
 if TYPE_CHECKING:
     import optuna
@@ -113,12 +114,11 @@ def storage_for_reading(storage: str | None = None) -> optuna.storages.RDBStorag
     """The Optuna storage, opened without creating anything: a local database that does
     not exist yet is an error that says how to make one."""
     url = resolve_storage_url(storage)
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        path = Path(url.removeprefix("sqlite:///").split("?", 1)[0]).expanduser()
-        if not path.exists():
-            raise ResultError(f"no Optuna storage at {path}: run a study first (sweeper run "
-                              f"studies/quickstart.yaml), or point --storage / "
-                              f"$SWEEPER_STORAGE at the database that holds it")
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        raise ResultError(f"no Optuna storage at {path}: run a study first (sweeper run "
+                          f"studies/quickstart.yaml), or point --storage / "
+                          f"$SWEEPER_STORAGE at the database that holds it")
     return _open_for_reading(url)
 
 
@@ -262,7 +262,7 @@ class _Results:
         return [self.result(t, model_ids) for t in trials]
 
     def _run_url(self, run_id: str | None) -> str | None:
-        from sweeper.tracking.uris import client_uri, is_http
+        from sweeper.uris import client_uri, is_http
 
         if not (run_id and self.experiment_id and is_http(client_uri(self.tracking_uri))):
             return None

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sweeper.errors import ResultError
+from sweeper.keys import ATTR_EXPERIMENT, ATTR_PARENT_RUN, TAG_MEMBERS
 from sweeper.results.read import TrialResult, best_trials, get_trial, load_model
 from sweeper.spec.config import TrialConfig
-from sweeper.tracking.common import ATTR_EXPERIMENT, ATTR_PARENT_RUN
 
 if TYPE_CHECKING:
     from sweeper.ml.data import Dataset
@@ -208,7 +208,7 @@ def _log_ensemble(score: EnsembleScore, *, storage: str | None,
         params={"top": len(score.members), "members": members,
                 "member_runs": ",".join(m.run_id or "" for m in score.members),
                 "voting": "soft,hard", "split": "test"},
-        metrics=metrics, tags={"sweeper.members": members},
+        metrics=metrics, tags={TAG_MEMBERS: members},
         tables={"ensemble.json": json.dumps(summary, indent=2, default=str)})
 
 

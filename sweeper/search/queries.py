@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from sweeper.keys import RETRY_OF
+
 if TYPE_CHECKING:
     import optuna
     from sqlalchemy.orm import Session
@@ -39,7 +41,6 @@ def _retried(method: Callable[..., T]) -> Callable[..., T]:
 
 
 # The system attr Optuna's retry callback (and sweeper's) puts on the copy of a lost trial.
-RETRY_OF = "failed_trial"
 
 
 @dataclass(frozen=True)

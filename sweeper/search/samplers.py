@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sweeper.errors import DuplicateGridPoint
+from sweeper.keys import GRID_ID
 from sweeper.spec import space
 from sweeper.spec.config import StudySpec
 
@@ -95,7 +96,7 @@ def grid_points_left(study: optuna.Study) -> int | None:
         return None
     taken = set()
     for trial in study.get_trials(deepcopy=False):
-        grid_id = trial.system_attrs.get("grid_id")
+        grid_id = trial.system_attrs.get(GRID_ID)
         if grid_id is not None and (trial.state.is_finished()
                                     or trial.state == optuna.trial.TrialState.RUNNING):
             taken.add(grid_id)
@@ -114,12 +115,12 @@ def check_grid_point(study: optuna.Study, trial: optuna.Trial) -> None:
 
     if not isinstance(study.sampler, optuna.samplers.GridSampler):
         return
-    mine = study._storage.get_trial_system_attrs(trial._trial_id).get("grid_id")
+    mine = study._storage.get_trial_system_attrs(trial._trial_id).get(GRID_ID)
     if mine is None:
         return
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
     for other in study.get_trials(deepcopy=False, states=states):
-        if other.number == trial.number or other.system_attrs.get("grid_id") != mine:
+        if other.number == trial.number or other.system_attrs.get(GRID_ID) != mine:
             continue
         if other.state == optuna.trial.TrialState.COMPLETE or other.number < trial.number:
             raise DuplicateGridPoint(f"grid point {mine} is already taken by trial "

@@ -6,37 +6,17 @@ Defaults to SQLite under `mlruns/`; `--storage` or `SWEEPER_STORAGE` points else
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper.errors import StorageError
 from sweeper.redaction import redact_text, redact_url
 from sweeper.search import retrying, sqlite
+from sweeper.uris import STORAGE_ENV, sqlalchemy_url, sqlite_path
 
 if TYPE_CHECKING:
     import optuna
 
-DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
-STORAGE_ENV = "SWEEPER_STORAGE"
 OPEN_RETRY_S = 5.0  # how long opening a storage rides out a blip before it says why
-
-
-def resolve_storage_url(explicit: str | None = None) -> str:
-    """`--storage` > `$SWEEPER_STORAGE` > the local SQLite default."""
-    return explicit or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-
-
-def sqlalchemy_url(url: str) -> str:
-    """`postgresql://...` with the driver sweeper ships (psycopg2, the `postgres` extra).
-
-    SQLAlchemy 2.1 picks psycopg 3 for a bare `postgresql://`; an explicit driver in the URL
-    (`postgresql+psycopg://`) is left alone.
-    """
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg2://" + url.removeprefix(prefix)
-    return url
 
 
 def engine_kwargs(url: str) -> dict[str, Any]:
@@ -63,7 +43,7 @@ def open_storage(url: str, *, read_only: bool = False) -> optuna.storages.RDBSto
     import optuna
     import sqlalchemy.exc
 
-    database = sqlite_file(url)
+    database = sqlite_path(url)
     try:
         if database is None or read_only:
             try:  # a blip is ridden out; a store that is down is said at once (5 s)
@@ -101,13 +81,6 @@ def rdb_of(study: optuna.Study) -> optuna.storages.RDBStorage:
     """The RDB storage under a study (Optuna wraps it in a cache)."""
     storage = study._storage
     return getattr(storage, "_backend", storage)
-
-
-def sqlite_file(url: str) -> Path | None:
-    """The database file of a `sqlite:///path` URL, else None."""
-    if not url.startswith("sqlite:///") or url.startswith("sqlite:///:memory:"):
-        return None
-    return Path(url.removeprefix("sqlite:///").split("?", 1)[0]).expanduser()
 
 
 def redact(url: str) -> str:

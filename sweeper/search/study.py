@@ -16,7 +16,6 @@ import math
 import os
 import socket
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,11 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sweeper.errors import ConfigError, DiskFull, StorageError, TrialFailure, is_disk_full
+from sweeper.errors import DiskFull, StorageError, TrialFailure
 from sweeper.fleet import heartbeat, stopping
-from sweeper.fleet.heartbeat import ATTR_HEARTBEAT, ATTR_WORKER, HeartbeatSettings
+from sweeper.fleet.heartbeat import HeartbeatSettings
+from sweeper.keys import (
+    ATTR_CONFIG,
+    ATTR_HEARTBEAT,
+    ATTR_METRICS,
+    ATTR_REASON,
+    ATTR_SPEC,
+    ATTR_WORKER,
+    Outcome,
+)
 from sweeper.redaction import redact_text
 from sweeper.search import retrying, samplers
+from sweeper.search.endings import COMPLETED, TrialEnd, ending_of, one_line
 from sweeper.search.queries import StudyQueries
 from sweeper.search.storage import open_storage, rdb_of, redact
 from sweeper.spec import space
@@ -43,15 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Optuna user attributes a trial carries (the read side relies on these names).
-ATTR_REASON = "fail_reason"
-ATTR_METRICS = "metrics"
-ATTR_CONFIG = "config"
-ATTR_RUN_ID = "mlflow_run_id"
-ATTR_MODEL_ID = "mlflow_model_id"  # set only when the trial's model was logged
-# Study user attributes.
-ATTR_SPEC = "sweeper.spec"
-
 FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 LINGER_POLL_S = 2.0  # how often a worker at the budget looks at the trials still running
 
@@ -61,7 +61,7 @@ class TrialOutcome:
     """How one trial ended, as shown to the user and told to Optuna."""
 
     number: int
-    state: str  # COMPLETE | PRUNED | FAIL
+    state: Outcome  # COMPLETE | PRUNED | FAIL (a str)
     values: list[float] | None = None
     reason: str | None = None
     seconds: float = 0.0
@@ -72,6 +72,12 @@ class TrialOutcome:
     # Why a FAIL happened: "params" (this config: infeasible, diverged, out of memory),
     # "environment" (anything else: the machine, the storage, a bug) or "interrupted".
     cause: str | None = None
+
+    def ended(self, end: TrialEnd) -> None:
+        """Take the state, reason and cause of how the trial ended (see `endings`)."""
+        self.state, self.reason, self.detail, self.cause = (end.state, end.reason, end.detail,
+                                                            end.cause)
+        self.interrupted = end.interrupted
 
 
 @dataclass
@@ -124,16 +130,11 @@ class StudyTracker(Protocol):
 # --------------------------------------------------------------------------------------
 # Opening the study
 # --------------------------------------------------------------------------------------
-def open_study(spec: StudySpec, storage_url: str, *, create: bool = True,
-               seed_offset: int = 0) -> optuna.Study:
-    """Create the study or resume it; a stored study with other directions is refused."""
-    return open_or_create(spec, storage_url, create=create, seed_offset=seed_offset)[0]
-
-
 def open_or_create(spec: StudySpec, storage_url: str, *, create: bool = True,
                    seed_offset: int = 0) -> tuple[optuna.Study, bool]:
-    """`open_study`, and whether this call created the study (of workers that start
-    together, exactly one did: the storage keeps study names unique)."""
+    """Create the study or resume it (a stored study with other directions is refused),
+    and whether this call created it (of workers that start together, exactly one did:
+    the storage keeps study names unique)."""
 
     storage = open_storage(storage_url)
     sampler = samplers.build_sampler(spec, seed_offset=seed_offset)
@@ -424,7 +425,7 @@ class Worker:
         try:
             heartbeat.fail_lost_trials(study, self.options.heartbeat, on_lost=on_lost)
         except Exception as exc:  # the storage's trouble shows in the trial that follows
-            log.warning("could not check for lost trials: %s", _one_line(str(exc)))
+            log.warning("could not check for lost trials: %s", one_line(str(exc)))
 
     def run_trial(self, study: optuna.Study) -> TrialOutcome:
         """Ask, train, tell, with the trial's heartbeat going all the while. Returns how the
@@ -451,9 +452,7 @@ class Worker:
         return retrying.retry(study.ask, "ask the Optuna storage for a new trial")
 
     def _attempt(self, study: optuna.Study, trial: optuna.Trial) -> TrialOutcome:
-        import optuna
-
-        outcome = TrialOutcome(trial.number, "FAIL")
+        outcome = TrialOutcome(trial.number, Outcome.FAIL)
         started = time.monotonic()
         try:
             trial.set_user_attr(ATTR_WORKER, self.options.worker)
@@ -464,17 +463,9 @@ class Worker:
             with self._trial_run(trial, config) as run, stopping.interruptible():
                 values, metrics = self.objective(self, trial, config, run)
                 outcome.values, outcome.metrics = values, metrics
-                outcome.state = "COMPLETE"
-        except optuna.TrialPruned as pruned:
-            outcome.state = "PRUNED"
-            outcome.reason = str(pruned) or "pruned"
-        except (TrialFailure, ConfigError) as exc:
-            outcome.reason = str(exc)
-            outcome.cause = "params"
+                outcome.ended(COMPLETED)
         except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (see `stopping`)
-            outcome.reason = getattr(stop, "reason", None) or "interrupted"
-            outcome.interrupted = True
-            outcome.cause = "interrupted"
+            outcome.ended(ending_of(stop))
             outcome.seconds = time.monotonic() - started
             with stopping.deferred():
                 self._tell(study, trial, outcome)
@@ -482,16 +473,9 @@ class Worker:
                 f"the running trial was recorded as {outcome.state} (#{trial.number})")
             raise
         except Exception as exc:  # any error fails this trial, never the study
-            outcome.detail = traceback.format_exc()
-            if _out_of_memory(exc):
-                # Too big for this device (batch size, width): the config's fault, and the
-                # memory is given back below before the next trial.
-                outcome.reason = f"out of memory on {self.device}: {_one_line(str(exc))}"
-                outcome.cause = "params"
-            else:
-                outcome.reason = f"{type(exc).__name__}: {_one_line(str(exc))}"
-                outcome.cause = "disk-full" if is_disk_full(exc) else "environment"
-            log.debug("trial %d failed:\n%s", trial.number, outcome.detail)
+            outcome.ended(ending_of(exc, device=self.device))
+            if outcome.detail:
+                log.debug("trial %d failed:\n%s", trial.number, outcome.detail)
         finally:
             # After the except blocks: the exception and its frames (the model, the batch)
             # are gone, so their memory can actually be returned.
@@ -579,8 +563,7 @@ class Worker:
         lost) keeps the state it was given there; this worker says so and goes on."""
         from optuna.trial import TrialState
 
-        state = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED,
-                 "FAIL": TrialState.FAIL}[outcome.state]
+        state = TrialState[Outcome(outcome.state).value]
         # An exception's text may hold a URL with a password: redacted before it is
         # stored (Optuna attr here, MLflow tag and error.txt in `trial_ended`).
         outcome.reason = redact_text(outcome.reason) if outcome.reason else outcome.reason
@@ -609,13 +592,13 @@ class Worker:
             raise
         except Exception as exc:
             raise StorageError(f"could not record trial {trial.number} in Optuna storage: "
-                               f"{_one_line(str(exc))}") from exc
+                               f"{one_line(str(exc))}") from exc
         if stored.state != state and stored.state.is_finished():
             taken = str(stored.user_attrs.get(ATTR_REASON) or "taken back")
             log.warning("trial %d was taken back by another worker while it ran here (%s); "
                         "it stays %s there and this worker goes on", trial.number, taken,
                         stored.state.name)
-            outcome.state = stored.state.name
+            outcome.state = Outcome(stored.state.name)
             outcome.reason = f"taken back: {taken}"
             outcome.cause = "taken-back"
         if self.tracker is not None:
@@ -638,20 +621,6 @@ def _free_device_memory(device: torch.device) -> None:
 
         gc.collect()  # reference cycles that still hold tensors
         torch.cuda.empty_cache()
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """A device out of memory (CUDA, MPS), as torch raises it."""
-    import torch
-
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def _one_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else ""
 
 
 def run_study(spec: StudySpec, options: RunOptions, *, tracker: StudyTracker | None = None,

@@ -19,16 +19,6 @@ from sweeper.redaction import redact_text
 
 T = TypeVar("T")
 
-# Optuna study user attributes that link the study to MLflow.
-ATTR_PARENT_RUN = "mlflow_parent_run_id"
-ATTR_EXPERIMENT = "mlflow_experiment_id"
-
-TAG_STUDY = "sweeper.study"
-TAG_ROLE = "sweeper.role"
-TAG_TRIAL = "sweeper.trial_number"
-TAG_STATE = "sweeper.state"
-TAG_REASON = "sweeper.reason"
-TAG_PARENT = "mlflow.parentRunId"
 REGISTRY_ALIAS = "best"
 
 REASON_MAX_CHARS = 5000  # MLflow allows 8000 per tag value; leave room for multi-byte text
@@ -40,7 +30,6 @@ HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
 }
-MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 
 def chunks(items: list[T], size: int) -> Iterator[list[T]]:

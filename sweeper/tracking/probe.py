@@ -20,7 +20,7 @@ from sweeper.errors import TrackingError
 from sweeper.search import sqlite
 from sweeper.search.storage import redact
 from sweeper.tracking.common import http_env, one_line
-from sweeper.tracking.uris import (
+from sweeper.uris import (
     PASSWORD_ENV,
     TOKEN_ENV,
     TRACKING_ENV,

@@ -16,21 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper.errors import SweeperError, TrackingError
+from sweeper.keys import TAG_PARENT, TAG_ROLE, TAG_STUDY
 from sweeper.ml.modelfile import ModelFileError
 from sweeper.search.storage import redact
-from sweeper.tracking.common import (
-    TAG_PARENT,
-    TAG_ROLE,
-    TAG_STUDY,
-    chunks,
-    finite,
-    metric_key,
-    now_ms,
-    one_line,
-    param_value,
-)
+from sweeper.tracking.common import chunks, finite, metric_key, now_ms, one_line, param_value
 from sweeper.tracking.probe import check_store
-from sweeper.tracking.uris import client_uri, is_http
+from sweeper.uris import client_uri, is_http
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

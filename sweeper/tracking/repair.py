@@ -12,26 +12,25 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sweeper.tracking.common import (
-    MLFLOW_STATUS,
+from sweeper.keys import (
+    ATTR_CONFIG,
+    ATTR_METRICS,
+    ATTR_REASON,
+    TAG_FILLED_IN,
     TAG_PARENT,
     TAG_REASON,
     TAG_ROLE,
     TAG_STATE,
     TAG_STUDY,
     TAG_TRIAL,
-    chunks,
-    finite,
-    metric_key,
-    param_value,
-    truncate,
+    mlflow_status,
 )
+from sweeper.tracking.common import chunks, finite, metric_key, param_value, truncate
 
 if TYPE_CHECKING:
     import optuna
     from mlflow import MlflowClient
 
-TAG_FILLED_IN = "sweeper.filled_in"  # what a repair wrote from Optuna's record
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ def reap_runs(client: MlflowClient, experiment_id: str, *,
                     "worker lost while uploading: files may be missing")
             # A COMPLETE trial whose worker died mid-upload keeps COMPLETE <-> FINISHED;
             # the reason tag says that files may be missing.
-            status = MLFLOW_STATUS[state]
+            status = mlflow_status(state)
             if end_run(client, run.info.run_id, state, status, reason):
                 ended.append(EndedRun(run.info.run_id, name, status, reason))
         elif run.info.run_id == parent_run_id and not study_running:
@@ -113,7 +112,6 @@ def fill_in_runs(client: MlflowClient, experiment_id: str, study_name: str,
     lacks. Returns the runs created or completed."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from sweeper.search.study import ATTR_CONFIG, ATTR_METRICS, ATTR_REASON
 
     finished = [t for t in trials if t.state.is_finished()]
     if not finished:
@@ -132,7 +130,7 @@ def fill_in_runs(client: MlflowClient, experiment_id: str, study_name: str,
             if (trial.datetime_complete or trial.datetime_start) else 0
         run = by_number.get(trial.number)
         if run is None:
-            status = MLFLOW_STATUS[trial.state.name]
+            status = mlflow_status(trial.state.name)
             reason = str(trial.user_attrs.get(ATTR_REASON) or "")
             tags = {TAG_STUDY: study_name, TAG_TRIAL: str(trial.number), TAG_ROLE: "trial",
                     TAG_STATE: trial.state.name,
@@ -162,7 +160,7 @@ def fill_in_runs(client: MlflowClient, experiment_id: str, study_name: str,
         if recorded is not None and recorded != trial.state.name:
             # The run was closed before its worker learnt how the trial ended (the tell
             # landed, then the storage went away): Optuna's record decides.
-            status = MLFLOW_STATUS[trial.state.name]
+            status = mlflow_status(trial.state.name)
             reason = str(trial.user_attrs.get(ATTR_REASON) or "")
             client.log_batch(run.info.run_id, tags=[
                 RunTag(TAG_STATE, trial.state.name), RunTag(TAG_REASON, truncate(reason)),

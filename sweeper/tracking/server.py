@@ -28,12 +28,11 @@ from types import FrameType
 
 from sweeper.errors import TrackingError
 from sweeper.redaction import without_credentials
+from sweeper.uris import DEFAULT_TRACKING_URI, TRACKING_ENV, sqlite_path
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_ARTIFACTS = "mlruns/artifacts"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
-TRACKING_ENV = "MLFLOW_TRACKING_URI"
 
 # Environment of every server sweeper starts: MLflow's background job runner (GenAI
 # scorers, trace archival; seven more processes) is switched off, sweeper uses none of it.
@@ -123,13 +122,6 @@ def resolve_ui_store(explicit: str | None = None,
             f"serves a store (sqlite:///..., postgresql://...), e.g. "
             f"--backend-store-uri {DEFAULT_TRACKING_URI}")
     return uri
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///path` URI (relative or absolute), else None."""
-    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///:memory:"):
-        return None
-    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).expanduser()
 
 
 def default_artifacts(backend_store_uri: str) -> str:

@@ -46,18 +46,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sweeper.errors import TrackingError, is_disk_full
-from sweeper.fleet.heartbeat import ATTR_WORKER
-from sweeper.search.storage import redact
-from sweeper.search.study import ATTR_RUN_ID
-from sweeper.tracking.common import (
+from sweeper.keys import (
     ATTR_EXPERIMENT,
     ATTR_PARENT_RUN,
+    ATTR_REASON,
+    ATTR_RUN_ID,
+    ATTR_WORKER,
+    TAG_CHANGED_SETTINGS,
+    TAG_OBJECTIVES,
+    TAG_PRUNER,
+    TAG_ROLE,
+    TAG_SAMPLER,
+    TAG_STUDY,
+    TAG_TRIAL,
+    TAG_VALUE,
+)
+from sweeper.search.storage import redact
+from sweeper.tracking.common import (
     HTTP_ENV_DEFAULTS,
     REASON_MAX_CHARS,
     REGISTRY_ALIAS,
-    TAG_ROLE,
-    TAG_STUDY,
-    TAG_TRIAL,
     chunks,
     http_env,
     json_text,
@@ -67,7 +75,7 @@ from sweeper.tracking.common import (
 )
 from sweeper.tracking.probe import check_store
 from sweeper.tracking.trial_run import LoggedModel, TrialRun
-from sweeper.tracking.uris import (
+from sweeper.uris import (
     client_uri,
     default_artifact_root,
     is_http,
@@ -296,7 +304,6 @@ class MlflowTracker:
     def _end_orphans(self, study: optuna.Study) -> None:
         """End the runs left RUNNING for trials Optuna has finished (their worker was
         killed with the run's end still queued), with the trial's state."""
-        from sweeper.search.study import ATTR_REASON
         from sweeper.tracking.repair import reap_runs
 
         assert self.experiment_id is not None
@@ -407,13 +414,13 @@ class MlflowTracker:
         new = {k: v for k, v in wanted.items() if k not in existing}
         changed = sorted(k for k, v in wanted.items() if k in existing and existing[k] != v)
         tags = {TAG_STUDY: spec.name, TAG_ROLE: "parent",
-                "sweeper.sampler": spec.sampler.name, "sweeper.pruner": spec.pruner.name,
-                "sweeper.objectives": ", ".join(f"{o.metric} ({o.direction})"
+                TAG_SAMPLER: spec.sampler.name, TAG_PRUNER: spec.pruner.name,
+                TAG_OBJECTIVES: ", ".join(f"{o.metric} ({o.direction})"
                                                 for o in spec.objective_list)}
         if spec.description:
             tags["mlflow.note.content"] = spec.description
         if changed:
-            tags["sweeper.changed_settings"] = ", ".join(
+            tags[TAG_CHANGED_SETTINGS] = ", ".join(
                 f"{k}={wanted[k]}" for k in changed)[:REASON_MAX_CHARS]
         params = [Param(k, v) for k, v in new.items()]
         tag_list = [RunTag(k, v) for k, v in tags.items()]
@@ -577,14 +584,14 @@ class MlflowTracker:
             current = client.get_model_version_by_alias(name, REGISTRY_ALIAS)
         except MlflowException:
             current = None
-        if current is not None and "sweeper.value" in current.tags:
+        if current is not None and TAG_VALUE in current.tags:
             maximize = self.spec.objective_list[0].direction == "maximize"
-            theirs = float(current.tags["sweeper.value"])
+            theirs = float(current.tags[TAG_VALUE])
             if (theirs >= value) if maximize else (theirs <= value):
                 return
         version = client.create_model_version(
             name, source=logged.location, run_id=logged.run_id, model_id=logged.model_id,
-            tags={TAG_TRIAL: str(number), "sweeper.value": repr(value)},
+            tags={TAG_TRIAL: str(number), TAG_VALUE: repr(value)},
             await_creation_for=0)
         client.set_registered_model_alias(name, REGISTRY_ALIAS, version.version)
 
@@ -631,7 +638,6 @@ class MlflowTracker:
         try:
             trials = [storage.get_trial(storage.get_trial_id_from_study_id_trial_number(
                 study._study_id, n)) for n in incomplete]
-            from sweeper.search.study import ATTR_REASON
 
             reap_runs(self.client, self.experiment_id,
                       trial_states={t.number: t.state.name for t in trials},

@@ -23,17 +23,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper.fleet import stopping
-from sweeper.redaction import redact_text
-from sweeper.search.study import ATTR_MODEL_ID, ATTR_RUN_ID
-from sweeper.tracking import model_files
-from sweeper.tracking.common import (
-    MLFLOW_STATUS,
+from sweeper.keys import (
+    ATTR_MODEL_ID,
+    ATTR_RUN_ID,
+    TAG_DEVICE,
     TAG_PARENT,
+    TAG_PRUNER,
     TAG_REASON,
     TAG_ROLE,
+    TAG_SAMPLER,
     TAG_STATE,
     TAG_STUDY,
+    TAG_TORCH_VERSION,
     TAG_TRIAL,
+    TAG_WORKER,
+    mlflow_status,
+)
+from sweeper.redaction import redact_text
+from sweeper.tracking import model_files
+from sweeper.tracking.common import (
     chunks,
     device_name,
     finite,
@@ -168,13 +176,13 @@ class TrialRun:
             TAG_STUDY: spec.name,
             TAG_TRIAL: str(self.number),
             TAG_ROLE: "trial",
-            "sweeper.sampler": spec.sampler.name,
-            "sweeper.pruner": spec.pruner.name,
-            "sweeper.device": device_name(tracker.device),
-            "sweeper.torch_version": torch.__version__,
+            TAG_SAMPLER: spec.sampler.name,
+            TAG_PRUNER: spec.pruner.name,
+            TAG_DEVICE: device_name(tracker.device),
+            TAG_TORCH_VERSION: torch.__version__,
         }
         if tracker.worker:
-            tags["sweeper.worker"] = tracker.worker
+            tags[TAG_WORKER] = tracker.worker
         run = tracker.call(f"create the run of trial {self.number}",
                            tracker.client.create_run, tracker.experiment_id,
                            run_name=f"trial-{self.number}", tags=tags)
@@ -249,7 +257,7 @@ class TrialRun:
         tags = []
         device = model_device(model)
         if device:
-            tags.append(RunTag("sweeper.device", device))
+            tags.append(RunTag(TAG_DEVICE, device))
         for chunk in chunks(batch, 900):
             self._batch("log final metrics", metrics=chunk, tags=tags)
             tags = []
@@ -358,29 +366,14 @@ class TrialRun:
     # -- the end ----------------------------------------------------------------------------
     def abort(self, exc: BaseException) -> None:
         """Queue the run's end on the exception that ends the trial (see `trial_run`)."""
-        import traceback
+        from sweeper.search.endings import ending_of
 
-        import optuna
-
-        from sweeper.errors import TrialFailure
-
-        if isinstance(exc, optuna.TrialPruned):
-            state, status, reason, detail = "PRUNED", "KILLED", str(exc) or "pruned", None
-        elif isinstance(exc, TrialFailure):
-            state, status, reason, detail = "FAIL", "FAILED", str(exc), None
-        elif isinstance(exc, Exception):
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            reason = f"{type(exc).__name__}: {lines[0] if lines else ''}"  # as study.py says
-            detail = "".join(traceback.format_exception(exc))
-            state, status = "FAIL", "FAILED"
-        else:  # KeyboardInterrupt, SystemExit: a person stopped it, the config did not fail
-            state, status = "FAIL", "KILLED"
-            reason, detail = getattr(exc, "reason", None) or "interrupted", None
-        self.end(state, status, reason, detail or reason)
+        end = ending_of(exc)
+        self.end(end.state, end.mlflow_status, end.reason, end.detail or end.reason)
 
     def finish(self, outcome: TrialOutcome) -> None:
         """The final record, from what Optuna was told."""
-        status = MLFLOW_STATUS[outcome.state]
+        status = mlflow_status(outcome.state)
         if outcome.state == "FAIL" and outcome.interrupted:
             status = "KILLED"
         self.end(outcome.state, status, outcome.reason, outcome.detail or outcome.reason,
@@ -398,6 +391,7 @@ class TrialRun:
         if self.run_id is None or self.tracker.disabled:
             self.incomplete = True
             return
+        state = str(state)  # an `Outcome` is stored by its name
         reason = redact_text(reason) if reason else reason  # no password in a tag
         error = redact_text(error) if error else error
         self.ending = True

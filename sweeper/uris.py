@@ -1,5 +1,6 @@
-"""Where the tracking store is: the URI a command uses, and where a local store keeps its
-artifacts. Plain strings and paths: no mlflow import here."""
+"""Where the two stores are: the Optuna storage URL and the MLflow tracking URI a command
+uses, the one parser of `sqlite:///` paths, and where a local store keeps its artifacts.
+Plain strings and paths: nothing is imported here."""
 
 from __future__ import annotations
 
@@ -8,7 +9,26 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from sweeper.search.storage import sqlalchemy_url
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+STORAGE_ENV = "SWEEPER_STORAGE"
+
+
+def resolve_storage_url(explicit: str | None = None) -> str:
+    """`--storage` > `$SWEEPER_STORAGE` > the local SQLite default."""
+    return explicit or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def sqlalchemy_url(url: str) -> str:
+    """`postgresql://...` with the driver sweeper ships (psycopg2, the `postgres` extra).
+
+    SQLAlchemy 2.1 picks psycopg 3 for a bare `postgresql://`; an explicit driver in the URL
+    (`postgresql+psycopg://`) is left alone.
+    """
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url.removeprefix(prefix)
+    return url
+
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
