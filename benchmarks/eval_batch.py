@@ -19,9 +19,9 @@ import time
 import torch
 
 from sweeper.ml.data import load_dataset
+from sweeper.ml.device import resolve_device
 from sweeper.ml.metrics import EVAL_BATCH_SIZE, predict_on_device
 from sweeper.ml.models import build_model
-from sweeper.ml.train import resolve_device
 from sweeper.spec.config import DatasetConfig, ModelConfig
 
 

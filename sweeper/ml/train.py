@@ -36,6 +36,7 @@ from torch import nn
 from sweeper.errors import Diverged, SweeperError
 from sweeper.ml.data import augment as augment_batch
 from sweeper.ml.data import batches
+from sweeper.ml.device import resolve_device  # noqa: F401 - where trainers have found it
 from sweeper.ml.metrics import cross_entropy_sum, eval_batch_size
 from sweeper.spec.config import AugmentConfig, TrainConfig
 
@@ -63,33 +64,6 @@ class FitResult:
 # --------------------------------------------------------------------------------------
 # Device, optimizer, seeds
 # --------------------------------------------------------------------------------------
-def resolve_device(name: str | None = None) -> torch.device:
-    """The torch device a name asks for; `None`/"auto" picks CUDA when there is one.
-
-    Checked here, before any study is written, so that `--device cuda` on a machine
-    without CUDA is one clear line instead of a traceback deep inside the first trial.
-    """
-    if name is None or name.strip().lower() in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name.strip().lower())
-    except (RuntimeError, ValueError):
-        raise SweeperError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cpu":
-        return torch.device("cpu")
-    if device.type != "cuda":
-        raise SweeperError(f"device {name!r} is not supported; sweeper trains on cpu or cuda "
-                           f"(use auto, cpu, cuda or cuda:N)")
-    if not torch.cuda.is_available():
-        raise SweeperError(f"device {name!r} asked for, but CUDA is not available on this "
-                           f"machine; use --device cpu (or auto)")
-    count = torch.cuda.device_count()
-    if device.index is not None and device.index >= count:
-        raise SweeperError(f"device {name!r} does not exist: this machine has {count} CUDA "
-                           f"device(s), cuda:0 to cuda:{count - 1}")
-    return device
-
-
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer `cfg.optimizer` names, with `cfg.lr` and `cfg.weight_decay` on all.
 

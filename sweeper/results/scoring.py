@@ -190,6 +190,7 @@ def hard_vote(probabilities: list[np.ndarray]) -> np.ndarray:
 def _log_ensemble(score: EnsembleScore, *, storage: str | None,
                   tracking_uri: str | None) -> str | None:
     from sweeper.results.read import load_study
+    from sweeper.tracking.ensemble_run import log_ensemble
     from sweeper.tracking.reader import TrackingReader
 
     study = load_study(score.best_single.study, storage)
@@ -202,7 +203,8 @@ def _log_ensemble(score: EnsembleScore, *, storage: str | None,
                (("soft", summary["soft_vote"]), ("hard", summary["hard_vote"]),
                 ("best_single", summary["best_single"])) for k, v in values["test"].items()}
     reader = TrackingReader(tracking_uri)
-    return reader.log_ensemble(
+    return log_ensemble(
+        reader,
         experiment_id=experiment_id, parent_run_id=study.user_attrs.get(ATTR_PARENT_RUN),
         study=study.study_name,
         params={"top": len(score.members), "members": members,
@@ -226,7 +228,7 @@ def _dataset(trial: TrialResult, data_dir: str | Path | None, device: str) -> Da
 
 
 def _device(name: str | None) -> str:
-    from sweeper.ml.train import resolve_device
+    from sweeper.ml.device import resolve_device
 
     return str(resolve_device(name))
 

@@ -7,7 +7,7 @@ Optuna's public API has one way to list trials: load every trial with every para
 attribute and intermediate value (about 0.6 ms a trial on SQLite, so 1.2 s for 2,000).
 These queries read only the columns they need and load in full only the trials a command
 shows. They use Optuna's table models (`optuna.storages._rdb.models`, stable since Optuna
-3); `tests/test_queries.py` checks every answer against Optuna's own API.
+3); `tests/search/test_queries.py` checks every answer against Optuna's own API.
 """
 
 from __future__ import annotations

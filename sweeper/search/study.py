@@ -95,7 +95,7 @@ class RunReport:
     study: Any = None  # the optuna.Study it ran (no second connection to read it again)
 
 
-class TrialRun(Protocol):
+class TrialLog(Protocol):
     """What a tracker keeps of one trial while it trains."""
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
@@ -115,7 +115,7 @@ class StudyTracker(Protocol):
     def start_study(self, study: optuna.Study, spec: StudySpec) -> None: ...
 
     def trial_run(self, trial: optuna.Trial, config: TrialConfig
-                  ) -> AbstractContextManager[TrialRun]: ...
+                  ) -> AbstractContextManager[TrialLog]: ...
 
     def trial_ended(self, study: optuna.Study, outcome: TrialOutcome) -> None: ...
 
@@ -243,7 +243,7 @@ class Worker:
                  tracker: StudyTracker | None = None,
                  progress: ProgressCallback | None = None,
                  objective: Objective | None = None) -> None:
-        from sweeper.ml.train import resolve_device
+        from sweeper.ml.device import resolve_device
 
         self.spec = spec
         self.options = options

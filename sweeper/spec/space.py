@@ -14,7 +14,7 @@ import itertools
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -31,8 +31,17 @@ from sweeper.spec.config import (
     walk_space,
 )
 
-if TYPE_CHECKING:
-    import optuna
+
+class Suggester(Protocol):
+    """What `suggest` asks of an `optuna.Trial` (Optuna itself is not imported here)."""
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
+                      log: bool = False) -> float: ...
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1,
+                    log: bool = False) -> int: ...
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
 
 # Keys whose values decide layer shapes; `validate` looks for infeasible corners in them.
 _SHAPE_KEYS = ("model.arch", "model.filter_size", "model.padding", "model.pool",
@@ -57,14 +66,14 @@ def decode(dim: ChoiceDim, value: Any) -> Any:
     raise TrialFailure(f"{dim.name}={value!r} is not one of the options in the study file")
 
 
-def suggest(trial: optuna.Trial, spec: StudySpec) -> TrialConfig:
+def suggest(trial: Suggester, spec: StudySpec) -> TrialConfig:
     """Ask the trial for a value of every active dimension; return the validated config."""
     values: dict[str, Any] = {}
     _suggest_block(trial, spec.dimensions, values)
     return resolve(spec, values)
 
 
-def _suggest_block(trial: optuna.Trial, dims: Sequence[Dimension], values: dict[str, Any]
+def _suggest_block(trial: Suggester, dims: Sequence[Dimension], values: dict[str, Any]
                    ) -> None:
     for dim in dims:
         if isinstance(dim, FloatDim):

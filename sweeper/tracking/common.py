@@ -81,7 +81,7 @@ def json_text(value: Any, indent: int | None = None) -> str:
 
 
 def device_name(explicit: str | None) -> str:
-    from sweeper.ml.train import resolve_device
+    from sweeper.ml.device import resolve_device
 
     try:
         return str(resolve_device(explicit))

@@ -11,15 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper.errors import SweeperError, TrackingError
-from sweeper.keys import TAG_PARENT, TAG_ROLE, TAG_STUDY
 from sweeper.ml.modelfile import ModelFileError
 from sweeper.search.storage import redact
-from sweeper.tracking.common import chunks, finite, metric_key, now_ms, one_line, param_value
+from sweeper.tracking.common import chunks, one_line
 from sweeper.tracking.probe import check_store
 from sweeper.uris import client_uri, is_http
 
@@ -193,36 +192,3 @@ class TrackingReader:
             raise TrackingError(f"could not load model {model_id} from {self.where}: "
                                 f"{one_line(exc)}") from exc
         return module
-
-    # -- the ensemble run -------------------------------------------------------------------
-    def log_ensemble(self, *, experiment_id: str, parent_run_id: str | None, study: str,
-                     params: Mapping[str, Any], metrics: Mapping[str, float],
-                     tags: Mapping[str, str], tables: Mapping[str, str]) -> str:
-        """An `ensemble` run nested under the study's parent run: params (members,
-        voting), metrics, tags and text tables; ended FINISHED. Returns its run id."""
-        from mlflow.entities import Metric, Param
-
-        client = self.client
-        run_tags = {TAG_STUDY: study, TAG_ROLE: "ensemble", **tags}
-        if parent_run_id:
-            run_tags[TAG_PARENT] = parent_run_id
-        try:
-            run = client.create_run(experiment_id, run_name="ensemble", tags=run_tags)
-            run_id = run.info.run_id
-            try:
-                now = now_ms()
-                client.log_batch(
-                    run_id, params=[Param(k, param_value(v)) for k, v in params.items()],
-                    metrics=[Metric(metric_key(k), float(v), now, 0)
-                             for k, v in metrics.items() if finite(v)])
-                for name, text in tables.items():
-                    client.log_text(run_id, text, name)
-            except BaseException:
-                client.set_terminated(run_id, "FAILED")
-                raise
-            client.set_terminated(run_id, "FINISHED")
-        except Exception as exc:
-            raise TrackingError(f"MLflow ({self.where}) could not log the ensemble run: "
-                                f"{one_line(exc)}") from exc
-        return run_id
-

@@ -22,7 +22,7 @@ MLflow itself. Choices worth knowing:
 - Tracking must never cost an Optuna result. Every MLflow call is guarded: a failure is a
   one-line warning, the trial's remaining logging is skipped, and after `max_failures`
   failures in a row the store is taken to be *away*: calls are skipped (none waits on a
-  server that is down) and the store is asked again every `REPROBE_S` before a trial and
+  server that is down) and the store is asked again every `guard.REPROBE_S` before a trial and
   at the end. Once it answers, tracking resumes, and at the end of the run what it missed
   is filled in from Optuna's record (`repair.fill_in_runs`); what still could not be sent
   is listed in `unsent` (the CLI says so) and `sweeper reap` repairs it later. Only
@@ -39,13 +39,12 @@ import logging
 import os
 import tempfile
 import time
-from collections import defaultdict, deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from sweeper.errors import TrackingError, is_disk_full
+from sweeper.errors import TrackingError
 from sweeper.keys import (
     ATTR_EXPERIMENT,
     ATTR_PARENT_RUN,
@@ -59,20 +58,18 @@ from sweeper.keys import (
     TAG_SAMPLER,
     TAG_STUDY,
     TAG_TRIAL,
-    TAG_VALUE,
 )
 from sweeper.search.storage import redact
+from sweeper.tracking import best
 from sweeper.tracking.common import (
     HTTP_ENV_DEFAULTS,
     REASON_MAX_CHARS,
-    REGISTRY_ALIAS,
     chunks,
     http_env,
-    json_text,
-    now_ms,
     one_line,
     param_value,
 )
+from sweeper.tracking.guard import CallGuard
 from sweeper.tracking.probe import check_store
 from sweeper.tracking.trial_run import LoggedModel, TrialRun
 from sweeper.uris import (
@@ -99,11 +96,10 @@ PARENT_WAIT_S = 10.0
 PARENT_RECENT_S = 120.0
 # How many finished trials may still have uploads queued when the next one starts.
 MAX_TRIALS_BEHIND = 1
-REPROBE_S = 10.0  # while the store is away, how often it is asked again
 
 
 # --------------------------------------------------------------------------------------
-class MlflowTracker:
+class MlflowTracker(CallGuard):
     """A `StudyTracker` backed by MLflow: see the module docstring.
 
     Per-trial tracking time is summed in `seconds` (by operation) so that the overhead of
@@ -120,34 +116,26 @@ class MlflowTracker:
         # Nothing is created yet: folders appear in `check`/`start_study`, not on a typo.
         self.tracking_uri = client_uri(tracking_uri)
         self.artifact_root = artifact_location or default_artifact_root(self.tracking_uri)
-        self.max_failures = max_failures
         self.device = device
         self.worker = worker  # "host:pid" of the process, a tag on its trial runs
         if is_http(self.tracking_uri):
             for key, value in HTTP_ENV_DEFAULTS.items():
                 os.environ.setdefault(key, value)
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        super().__init__(redact(self.tracking_uri), max_failures=max_failures)
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
-        self.disabled = False
-        self.failures: list[str] = []
-        self.seconds: dict[str, float] = defaultdict(float)
         self._client: MlflowClient | None = None
         self._spec: StudySpec | None = None
-        self._consecutive_failures = 0
         self._runs: dict[int, TrialRun] = {}  # open, or ended by their context only
         self._behind: deque[TrialRun] = deque()  # runs that may have uploads queued
         self.models: dict[int, LoggedModel] = {}  # by trial number
-        self._queued: list[Future[Any]] = []  # the tracker's own background calls
-        self._executor: ThreadPoolExecutor | None = None
         self._registry_ready = False
         self._best_number: int | None = None
         self._ended_here = 0  # trials that ended in this process since start_study
-        self._reprobe_at = 0.0  # while `disabled` (the store is away): when to ask again
         self._ended: dict[int, TrialRun | None] = {}  # trials ended here, and their runs
         self.unsent: list[int] = []  # trials whose MLflow record is incomplete (at the end)
         self.parent_unsent = False  # the parent run could not be ended
-        self.disk_full: str | None = None  # a tracking write that found the disk full
 
     # -- plumbing -----------------------------------------------------------------------
     @property
@@ -165,84 +153,16 @@ class MlflowTracker:
             raise RuntimeError("start_study() was not called")
         return self._spec
 
-    @property
-    def where(self) -> str:
-        return redact(self.tracking_uri)
-
-    @contextlib.contextmanager
-    def timed(self, what: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[what] += time.perf_counter() - started
-
-    def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
-        """`fn(*args, **kwargs)`, or None with a warning when it fails (never raises)."""
-        if self.disabled:
-            return None
-        try:
-            result = fn(*args, **kwargs)
-        except Exception as exc:
-            self.failed(what, exc)
-            return None
-        self._consecutive_failures = 0
-        return result
-
-    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
-        """Run `fn` on the tracker's one background thread (calls keep their order)."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1,
-                                                thread_name_prefix="sweeper-mlflow")
-        return self._executor.submit(fn, *args, **kwargs)
-
-    def queue(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """`call(what, fn, ...)` on the background thread: a failure is a warning there."""
-        if not self.disabled:
-            self._queued.append(self.submit(self.call, what, fn, *args, **kwargs))
+    def probe(self) -> None:
+        with http_env(retries=0, timeout=5):
+            self.client.search_experiments(max_results=1)
 
     def wait_queued(self) -> None:
-        """Block until every background call queued so far has run."""
-        queued, self._queued = self._queued, []
-        for future in queued:
-            future.result()
+        """Block until every background call queued so far, and every trial's uploads, have
+        run."""
+        super().wait_queued()
         while self._behind:
             self._behind.popleft().wait()
-
-    def failed(self, what: str, exc: BaseException) -> None:
-        """Record a tracking failure; switch tracking off after too many in a row."""
-        message = f"MLflow ({self.where}): could not {what}: {one_line(exc)}"
-        self.failures.append(message)
-        if is_disk_full(exc) and self.disk_full is None:
-            self.disk_full = message  # the study loop stops: every trial would lose this
-        self._consecutive_failures += 1
-        log.warning("%s", message)
-        if self._consecutive_failures >= self.max_failures and not self.disabled:
-            self.disabled = True
-            self._reprobe_at = time.monotonic() + REPROBE_S
-            log.warning("MLflow (%s) is not answering after %d failures in a row: the study "
-                        "goes on and Optuna keeps every result; tracking resumes when it "
-                        "answers, and what it missed is filled in", self.where,
-                        self._consecutive_failures)
-
-    def available(self) -> bool:
-        """Whether tracking is on: true unless the store is away; then it is asked again
-        (quickly, no retries) once `REPROBE_S` has passed since the last time."""
-        if not self.disabled:
-            return True
-        if time.monotonic() < self._reprobe_at:
-            return False
-        try:
-            with http_env(retries=0, timeout=5):
-                self.client.search_experiments(max_results=1)
-        except Exception as exc:
-            self._reprobe_at = time.monotonic() + REPROBE_S
-            log.debug("MLflow still away: %s", one_line(exc))
-            return False
-        self.disabled = False
-        self._consecutive_failures = 0
-        log.warning("MLflow (%s) answers again: tracking resumes", self.where)
-        return True
 
     # -- before anything is written ---------------------------------------------------
     def check(self) -> None:
@@ -498,102 +418,24 @@ class MlflowTracker:
 
     # -- best so far ----------------------------------------------------------------------
     def beats_best(self, study: optuna.Study, values: list[float]) -> bool:
-        """Whether `values` would be a new best (single objective: strictly better than every
-        complete trial; several: dominated by none)."""
-        from optuna.study import StudyDirection
-        from optuna.trial import TrialState
-
-        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    if t.values is not None]
-        if not complete:
-            return True
-        signs = [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
-        mine = [s * v for s, v in zip(signs, values, strict=True)]
-        if len(signs) == 1:
-            return all(mine[0] > signs[0] * t.values[0] for t in complete)
-        for t in complete:
-            theirs = [s * v for s, v in zip(signs, t.values, strict=True)]
-            if (all(a >= b for a, b in zip(theirs, mine, strict=True))
-                    and any(a > b for a, b in zip(theirs, mine, strict=True))):
-                return False
-        return True
+        return best.beats_best(study, values)
 
     def _update_best(self, study: optuna.Study, outcome: TrialOutcome) -> None:
-        """Parent metrics `best_value`/`best_trial` (step = trial number, so the parent's
-        chart is the optimization history) and `best.*` tags; the registry alias."""
-        from mlflow.entities import Metric, RunTag
-
-        now = now_ms()
-        step = outcome.number
-        metrics: list[Metric] = []
-        tags: list[RunTag] = []
-        if len(study.directions) == 1:
-            try:
-                best = study.best_trial
-            except ValueError:
-                return
-            metrics += [Metric("best_value", float(best.values[0]), now, step),
-                        Metric("best_trial", float(best.number), now, step)]
-            if best.number != self._best_number:
-                self._best_number = best.number
-                run_id = best.user_attrs.get(ATTR_RUN_ID, "")
-                tags += [RunTag("best.trial", str(best.number)),
-                         RunTag("best.value", repr(float(best.values[0]))),
-                         RunTag("best.run_id", str(run_id)),
-                         RunTag("best.params", json_text(best.params)[:REASON_MAX_CHARS])]
-                if best.number == outcome.number and outcome.number in self.models:
-                    logged = self.models[outcome.number]
-                    tags.append(RunTag("best.model_uri", f"models:/{logged.model_id}"))
-                    # Queued after the model's upload: registered once its files exist.
-                    self.queue("register the best model", self._register, outcome.number,
-                               float(best.values[0]), logged)
-        else:
-            front = study.best_trials
-            metrics.append(Metric("pareto_size", float(len(front)), now, step))
-            tags.append(RunTag("best.trials", ",".join(str(t.number) for t in front)))
+        """Parent metrics and `best.*` tags; the registry alias (see `best`)."""
+        assert self.parent_run_id is not None
+        update = best.best_so_far(study, outcome.number, self._best_number, self.models)
+        if update is None:
+            return
+        self._best_number = update.number
+        if update.register is not None:
+            # Queued after the model's upload: registered once its files exist.
+            self.queue("register the best model", self._register, *update.register)
         self.queue("log the parent run's best", self.client.log_batch, self.parent_run_id,
-                   metrics=metrics, tags=tags)
+                   metrics=update.metrics, tags=update.tags)
 
     def _register(self, number: int, value: float, logged: LoggedModel) -> None:
-        """Register the model as a new version of `<study>` and point alias `best` at it,
-        unless the version the alias points to is at least as good (a faster worker).
-
-        The source is the model's artifact location, not `models:/<id>`: a local SQL
-        registry resolves the latter through MLflow's *global* tracking URI (a TODO in
-        MLflow), which is not this tracker's store.
-        """
-        from mlflow.entities import LoggedModelStatus
-        from mlflow.exceptions import MlflowException
-
-        name = self.spec.name
-        client = self.client
-        if client.get_logged_model(logged.model_id).status != LoggedModelStatus.READY:
-            log.debug("model of trial %d was not uploaded: not registered", number)
-            return
-        if not self._registry_ready:
-            try:
-                client.create_registered_model(
-                    name, tags={TAG_STUDY: name},
-                    description=f"Best model of sweeper study {name!r} (alias "
-                                f"'{REGISTRY_ALIAS}').")
-            except MlflowException as exc:
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            self._registry_ready = True
-        try:
-            current = client.get_model_version_by_alias(name, REGISTRY_ALIAS)
-        except MlflowException:
-            current = None
-        if current is not None and TAG_VALUE in current.tags:
-            maximize = self.spec.objective_list[0].direction == "maximize"
-            theirs = float(current.tags[TAG_VALUE])
-            if (theirs >= value) if maximize else (theirs <= value):
-                return
-        version = client.create_model_version(
-            name, source=logged.location, run_id=logged.run_id, model_id=logged.model_id,
-            tags={TAG_TRIAL: str(number), TAG_VALUE: repr(value)},
-            await_creation_for=0)
-        client.set_registered_model_alias(name, REGISTRY_ALIAS, version.version)
+        self._registry_ready = best.register(self.client, self.spec, number, value, logged,
+                                             registry_ready=self._registry_ready)
 
     # -- the end ----------------------------------------------------------------------------
     def end_study(self, study: optuna.Study, *, interrupted: bool) -> None:
@@ -617,11 +459,7 @@ class MlflowTracker:
                 self.failed("end the study's parent run", exc)
                 self.parent_unsent = True
             finally:
-                if self._executor is not None:
-                    # The store is away: drop what is queued rather than wait for it.
-                    self._executor.shutdown(wait=not self.disabled,
-                                            cancel_futures=self.disabled)
-                    self._executor = None
+                self.shutdown()
             self._catch_up(study)
 
     def _catch_up(self, study: optuna.Study) -> None:

@@ -18,9 +18,10 @@ import os
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sweeper.fleet import stopping
 from sweeper.keys import (
@@ -58,13 +59,14 @@ from sweeper.tracking.common import (
 
 if TYPE_CHECKING:
     import optuna
+    from mlflow import MlflowClient
 
     from sweeper.search.study import TrialOutcome
-    from sweeper.spec.config import TrialConfig
-    from sweeper.tracking.tracker import MlflowTracker
+    from sweeper.spec.config import StudySpec, TrialConfig
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 EXAMPLE_IMAGES = 4  # real input images stored with each model (its input example)
 
 
@@ -88,14 +90,40 @@ class _ModelFiles:
     info: Any  # sweeper.ml.modelfile.ModelInfo
 
 
+class TrialHost(Protocol):
+    """All a trial's run may use of the study's tracker (`MlflowTracker` is one): the
+    client, the guarded calls and queue, where the run goes, and the best so far."""
+
+    client: MlflowClient
+    disabled: bool
+    failures: list[str]
+    device: str | None
+    worker: str | None
+    experiment_id: str | None
+    parent_run_id: str | None
+    models: dict[int, LoggedModel]  # the trials' logged models, by trial number
+
+    @property
+    def spec(self) -> StudySpec: ...
+
+    def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any
+             ) -> T | None: ...
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]: ...
+
+    def timed(self, what: str) -> AbstractContextManager[None]: ...
+
+    def beats_best(self, study: optuna.Study, values: list[float]) -> bool: ...
+
+
 class TrialRun:
-    """What `MlflowTracker.trial_run` yields: the `TrialRun` the loop logs into.
+    """What `MlflowTracker.trial_run` yields: the run of one trial, which the loop logs into.
 
     A run whose creation failed, or whose logging failed once, quietly ignores further
     logging (one warning, not one per epoch) but is still ended with a status.
     """
 
-    def __init__(self, tracker: MlflowTracker, trial: optuna.Trial,
+    def __init__(self, tracker: TrialHost, trial: optuna.Trial,
                  config: TrialConfig) -> None:
         self.tracker = tracker
         self.trial = trial
