@@ -1,4 +1,6 @@
-"""Shared fixtures: where real MNIST lies, and the `gpu` marker's automatic skip."""
+"""Shared fixtures: where real MNIST lies, a fresh storage, PostgreSQL and MLflow servers, the
+shipped smoke study run once, and the `gpu` marker's automatic skip. The tiny study file most
+tests run is `studies.tiny_study`."""
 
 from __future__ import annotations
 
@@ -55,6 +57,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> str:
+    """A fresh Optuna storage in the test's folder (SQLite), as a URL."""
+    return f"sqlite:///{tmp_path / 'optuna.db'}"
 
 
 @pytest.fixture(scope="session")

@@ -16,19 +16,13 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
+from studies import tiny_study
 from sweeper.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
-TINY = """name: tiny
-dataset: {name: synthetic, synthetic: {train_size: 256, test_size: 64, image_size: 8}}
-model: {arch: mlp, hidden: [16]}
-budget: {trials: 2, epochs: 1}
-sampler: {name: random, seed: 0}
-space:
-  train.lr: {float: [1.0e-3, 1.0e-2], log: true}
-"""
+TINY = tiny_study(lr="[1.0e-3, 1.0e-2]")
 
 
 @pytest.fixture(autouse=True)
@@ -42,11 +36,6 @@ def study_file(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY)
     return path
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'optuna.db'}"
 
 
 def test_help_lists_commands() -> None:

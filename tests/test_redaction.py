@@ -27,6 +27,7 @@ import pytest
 from mlflow_server import free_port, postgres_database
 from typer.testing import CliRunner
 
+from studies import tiny_study
 from sweeper.cli import app
 from sweeper.redaction import RedactingFilter, redact_text, redact_url, without_credentials
 from sweeper.tracking.server import ui_auth_env
@@ -115,15 +116,7 @@ def test_ui_auth_env_only_off_loopback(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------
 # End to end: an authenticated server, a study with passwords in both URLs
 # --------------------------------------------------------------------------------------
-STUDY = """
-name: secret-study
-dataset: {name: synthetic, synthetic: {train_size: 256, test_size: 64, image_size: 8}}
-model: {arch: mlp, hidden: [16]}
-budget: {trials: 2, epochs: 1}
-sampler: {name: random, seed: 0}
-space:
-  train.lr: {float: [1.0e-3, 3.0e-2], log: true}
-"""
+STUDY = tiny_study("secret-study")
 
 
 def _request(url: str, *, data: dict | None = None, auth: bool) -> int:

@@ -22,27 +22,19 @@ from mlflow import MlflowClient
 from mlflow_server import PG_ADMIN, MlflowServer, postgres_database
 from optuna.trial import TrialState
 
+from studies import tiny_study
 from sweeper.search.storage import open_storage
 
 pytestmark = pytest.mark.slow
 
-STUDY = """
-name: {name}
-dataset: {{name: synthetic, synthetic: {{train_size: {train}, test_size: 32, image_size: 8}}}}
-model: {{arch: mlp, hidden: [8]}}
-train: {{batch_size: 32}}  # the 58 training images hold one batch
-budget: {{trials: {trials}, epochs: {epochs}}}
-sampler: {{name: random, seed: 0}}
-space:
-  train.lr: {{float: [1.0e-3, 3.0e-2], log: true}}
-"""
 STATUS = {"COMPLETE": {"FINISHED"}, "PRUNED": {"KILLED"}, "FAIL": {"FAILED", "KILLED"}}
 
 
 def study_file(root: Path, name: str, *, trials: int, epochs: int = 1,
                train: int = 64) -> Path:
     path = root / f"{name}.yaml"
-    path.write_text(STUDY.format(name=name, trials=trials, epochs=epochs, train=train))
+    path.write_text(tiny_study(name, trials=trials, epochs=epochs, train=train, test=32,
+                               hidden="[8]", train_block="batch_size: 32"))
     return path
 
 

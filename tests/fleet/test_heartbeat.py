@@ -5,7 +5,6 @@ in the budget, and run again by the next worker; the worker's own failure policy
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -13,6 +12,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from studies import tiny_study
 from sweeper.fleet.heartbeat import HeartbeatSettings, beating, fail_lost_trials
 from sweeper.keys import ATTR_HEARTBEAT, ATTR_RETRY_OF, ATTR_WORKER
 from sweeper.search.queries import StudyQueries
@@ -20,23 +20,9 @@ from sweeper.search.storage import rdb_of
 from sweeper.search.study import RunOptions, Worker, count_finished, open_or_create, run_study
 from sweeper.spec import config
 
-STUDY = """
-name: beats
-dataset: {name: synthetic, synthetic: {train_size: 128, test_size: 64, image_size: 8}}
-model: {arch: mlp, hidden: [8]}
-train: {batch_size: 64}
-budget: {trials: 3, epochs: 1}
-sampler: {name: random, seed: 0}
-space:
-  train.lr: {float: [1.0e-3, 3.0e-2], log: true}
-"""
+STUDY = tiny_study("beats", trials=3, train=128, hidden="[8]", train_block="batch_size: 64")
 # Short enough for tests; SQLite's clock ticks in whole seconds, hence the margins.
 FAST = HeartbeatSettings(interval_s=0.2, grace_s=1.0)
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'optuna.db'}"
 
 
 def abandoned_trial(study: optuna.Study) -> optuna.Trial:

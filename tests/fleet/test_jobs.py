@@ -19,26 +19,18 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from studies import tiny_study
 from sweeper.fleet.jobs import cpu_threads, slots, worker_device
 from sweeper.search.storage import open_storage
 from sweeper.search.study import count_finished
 
-TINY = """
-name: {name}
-dataset: {{name: synthetic, synthetic: {{train_size: {train}, test_size: 64, image_size: 8}}}}
-model: {{arch: mlp, hidden: [16]}}
-budget: {{trials: {trials}, epochs: {epochs}}}
-sampler: {{name: random, seed: 0}}
-space:
-  train.lr: {{float: [1.0e-3, 3.0e-2], log: true}}
-"""
 HOST = socket.gethostname()
 
 
 def study_file(root: Path, name: str, *, trials: int, epochs: int = 1, train: int = 160,
                extra: str = "") -> Path:
     path = root / f"{name}.yaml"
-    path.write_text(TINY.format(name=name, trials=trials, epochs=epochs, train=train) + extra)
+    path.write_text(tiny_study(name, trials=trials, epochs=epochs, train=train) + extra)
     return path
 
 

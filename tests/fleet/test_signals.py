@@ -19,18 +19,10 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from studies import tiny_study
 from sweeper.fleet import stopping
 
-TINY = """
-name: sig
-dataset: {name: synthetic, synthetic: {train_size: 64, test_size: 32, image_size: 8}}
-model: {arch: mlp, hidden: [8]}
-train: {batch_size: 32}
-budget: {trials: 3, epochs: 1}
-sampler: {name: random, seed: 0}
-space:
-  train.lr: {float: [1.0e-3, 3.0e-2], log: true}
-"""
+TINY = tiny_study("sig", trials=3, train=64, test=32, hidden="[8]", train_block="batch_size: 32")
 POINTS = ["after-ask", "in-tell", "in-create-run", "in-end-study", "between-trials"]
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 

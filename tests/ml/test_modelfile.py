@@ -21,6 +21,7 @@ import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from studies import tiny_study
 from sweeper import serving
 from sweeper.cli import app
 from sweeper.errors import SweeperError
@@ -29,17 +30,8 @@ from sweeper.ml.modelfile import ModelFileError, ModelInfo, read_model, write_mo
 from sweeper.ml.models import build_model
 from sweeper.spec import config
 
-STUDY = """
-name: trust
-dataset: {name: synthetic, synthetic: {train_size: 256, test_size: 64, image_size: 8}}
-model: {arch: mlp, hidden: [16], dropout: 0.0}
-train: {optimizer: adam, lr: 0.01, batch_size: 64}
-budget: {trials: 2, epochs: 1}
-sampler: {name: random, seed: 0}
-models: all
-space:
-  train.lr: {float: [1.0e-3, 3.0e-2], log: true}
-"""
+STUDY = tiny_study("trust", model="dropout: 0.0",
+                   train_block="optimizer: adam, lr: 0.01, batch_size: 64", extra="models: all")
 
 
 class _Payload:

@@ -33,11 +33,6 @@ def spec_of(text: str = SYNTHETIC, name: str = "syn", **replace: str) -> config.
     return config.loads(text)
 
 
-@pytest.fixture
-def storage(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'optuna.db'}"
-
-
 def states(study: optuna.Study) -> list[str]:
     return [t.state.name for t in study.get_trials(deepcopy=False)]
 

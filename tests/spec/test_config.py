@@ -11,7 +11,7 @@ from sweeper.errors import ConfigError
 from sweeper.spec import config
 from sweeper.spec.config import ChoiceDim, FloatDim, IntDim
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MINIMAL = "name: t\ndataset: {name: mnist}\n"
 
 

@@ -201,7 +201,7 @@ def test_an_optimizer_choice_is_checked_too(tmp_path: Path) -> None:
 
 
 def test_every_study_file_validates() -> None:
-    files = sorted(Path(__file__).resolve().parents[1].glob("studies/**/*.yaml"))
+    files = sorted(Path(__file__).resolve().parents[2].glob("studies/**/*.yaml"))
     assert len(files) >= 5
     for path in files:
         config.load(path)

@@ -15,7 +15,7 @@ import pytest
 from sweeper.search.study import RunOptions, run_study
 from sweeper.spec import config, shapes
 
-SEEDS = Path(__file__).resolve().parents[1] / "studies" / "seeds"
+SEEDS = Path(__file__).resolve().parents[2] / "studies" / "seeds"
 FILES = sorted(SEEDS.glob("*.yaml"))
 # The network each study is about, by its parameter count on 28x28 inputs.
 PARAMS = {

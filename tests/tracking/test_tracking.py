@@ -65,11 +65,6 @@ def spec_of(name: str, models: str = "all", **replace: str) -> config.StudySpec:
     return config.loads(text)
 
 
-@pytest.fixture
-def storage(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'optuna.db'}"
-
-
 def runs_of(client: MlflowClient, name: str) -> tuple[Any, list[Any]]:
     """(the parent run, the trial runs by trial number) of study `name`."""
     experiment = client.get_experiment_by_name(name)
@@ -557,13 +552,13 @@ def test_server_lost_mid_study_loses_no_optuna_result(
 
 def test_a_store_that_was_away_is_asked_again_and_tracking_resumes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sweeper.tracking import tracker as tracker_module
+    from sweeper.tracking import guard
 
     tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     tracker.check()
     for _ in range(tracker.max_failures):  # as if the store had stopped answering
         tracker.failed("log", ConnectionError("connection refused"))
     assert tracker.disabled and not tracker.available()  # not asked again before REPROBE_S
-    monkeypatch.setattr(tracker_module, "REPROBE_S", 0.0)
+    monkeypatch.setattr(guard, "REPROBE_S", 0.0)
     tracker._reprobe_at = 0.0
     assert tracker.available() and not tracker.disabled  # it answers: tracking resumes
