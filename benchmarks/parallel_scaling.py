@@ -99,7 +99,7 @@ def scaling(name: str, storage: str, tracking: str, jobs: int, trials: int, epoc
     outcome = run_jobs(spec, options, jobs, tracking_uri=tracking, objective=sleeping_trial)
     wall = time.monotonic() - started
     assert not outcome.errors and not outcome.lost, (outcome.errors, outcome.lost)
-    states = {o.state for o in outcome.report.outcomes}
+    states = {o.state for o in outcome.outcomes}
     assert states == {"COMPLETE"}, states
     steady, overall, stagger = steady_rate(open_or_create(spec, storage)[0])
     return steady, overall, stagger, wall

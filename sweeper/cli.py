@@ -195,15 +195,8 @@ def run(
         if jobs > 1:
             from sweeper.fleet.jobs import run_jobs
 
-            outcome = run_jobs(spec, options, jobs, tracking_uri=tracking_uri,
-                               tracking=not no_tracking, progress=display, debug=debug)
-            report = outcome.report
-            for line in outcome.lost:
-                err.print(f"warning: {line}", markup=False, soft_wrap=True)
-            if outcome.interrupted:
-                stop = Stopped(outcome.interrupted)
-                stop.recorded = "the running trials were recorded as FAIL"  # type: ignore[attr-defined]
-                raise stop
+            report = run_jobs(spec, options, jobs, tracking_uri=tracking_uri,
+                              tracking=not no_tracking, progress=display, debug=debug)
         else:
             if not no_tracking:
                 from sweeper.tracking.tracker import MlflowTracker
@@ -212,6 +205,12 @@ def run(
                 tracker = MlflowTracker(tracking_uri, device=device, worker=options.worker)
             with stop_on_signals():
                 report = run_study(spec, options, tracker=tracker, progress=display)
+        for line in report.lost:
+            err.print(f"warning: {line}", markup=False, soft_wrap=True)
+        if report.interrupted:
+            stop = Stopped(report.interrupted)
+            stop.recorded = "the running trials were recorded as FAIL"  # type: ignore[attr-defined]
+            raise stop
         study = report.study or open_or_create(spec, options.storage)[0]
         if report.stopped_by == "nothing-to-do":
             out.print(f"study {spec.name!r} already has {report.finished_before}/"
@@ -220,8 +219,8 @@ def run(
             print_summary(report, study, out)
         if not no_tracking:
             _print_tracking(study, spec, tracking_uri, tracker)
-        if jobs > 1 and outcome.errors:
-            for message in outcome.errors:
+        if report.errors:
+            for message in report.errors:
                 err.print(f"error: {message}", markup=False, soft_wrap=True)
             raise typer.Exit(2)
         if report.message:

@@ -42,7 +42,7 @@ FOLDERS: dict[str, tuple[tuple[str, ...], set[str]]] = {
            | inner("search", "fleet", "tracking", "results", "render", "cli", "serving")),
     # Optuna and the worker loop: no MLflow calls (the tracker is handed in), no output.
     "search": (("__init__", "storage", "sqlite", "retrying", "samplers", "queries",
-                "endings", "study"),
+                "endings", "stopping_rules", "study"),
                {"mlflow", "plotly"} | inner("tracking", "results", "render", "cli")),
     # Many workers: no training, no MLflow internals.
     "fleet": (("__init__", "heartbeat", "jobs", "reap", "stopping"),

@@ -28,7 +28,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sweeper.errors import SweeperError
@@ -171,22 +171,12 @@ def worker_main(args: WorkerArgs, events: multiprocessing.Queue[Any]) -> None:
 # --------------------------------------------------------------------------------------
 # The parent
 # --------------------------------------------------------------------------------------
-@dataclass
-class JobsReport:
-    """What the workers of one `sweeper run --jobs N` did."""
-
-    report: RunReport  # all workers together
-    exit_codes: dict[int, int | None]  # by worker index
-    errors: list[str] = field(default_factory=list)  # each distinct SweeperError, once
-    lost: list[str] = field(default_factory=list)  # workers that died (a signal, a crash)
-    interrupted: str | None = None  # why, when Ctrl-C or SIGTERM stopped the run
-
-
 def run_jobs(spec: StudySpec, options: RunOptions, jobs: int, *,
              tracking_uri: str | None, tracking: bool = True,
              progress: ProgressCallback | None = None, objective: Objective | None = None,
-             debug: bool = False) -> JobsReport:
-    """Start the workers, relay their progress, wait for them, and sum up.
+             debug: bool = False) -> RunReport:
+    """Start the workers, relay their progress, wait for them, and sum up (the report
+    of one worker's `run_study`, for all of them).
 
     Before any worker starts, this process checks the tracking store and the dataset and
     creates the study, so that a mistake is one message (not N) and N workers do not race
@@ -295,11 +285,11 @@ def run_jobs(spec: StudySpec, options: RunOptions, jobs: int, *,
     stopped_by = ("interrupted" if interrupted else
                   stopped.most_common(1)[0][0] if stopped else "error")
     messages = [r.message for r in reports.values() if r.message]
-    report = RunReport(spec.name, options.storage, sorted(outcomes, key=lambda o: o.number),
-                       finished_before, target, stopped_by,
-                       "; ".join(messages) if messages else None)
-    return JobsReport(report, {i: p.exitcode for i, p in processes.items()}, errors, lost,
-                      interrupted)
+    return RunReport(spec.name, options.storage, sorted(outcomes, key=lambda o: o.number),
+                     finished_before, target, stopped_by,
+                     "; ".join(messages) if messages else None, errors=errors,
+                     lost=lost, interrupted=interrupted,
+                     exit_codes={i: p.exitcode for i, p in processes.items()})
 
 
 def _terminate(processes: dict[int, Any]) -> None:

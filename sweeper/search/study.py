@@ -40,6 +40,7 @@ from sweeper.redaction import redact_text
 from sweeper.search import retrying, samplers
 from sweeper.search.endings import COMPLETED, TrialEnd, ending_of, one_line
 from sweeper.search.queries import StudyQueries
+from sweeper.search.stopping_rules import StopPolicy
 from sweeper.search.storage import open_storage, rdb_of, redact
 from sweeper.spec import space
 from sweeper.spec.config import DatasetConfig, StudySpec, TrialConfig
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
-LINGER_POLL_S = 2.0  # how often a worker at the budget looks at the trials still running
 
 
 @dataclass
@@ -93,6 +93,11 @@ class RunReport:
     stopped_by: str
     message: str | None = None  # why a worker that was `failing` stopped itself
     study: Any = None  # the optuna.Study it ran (no second connection to read it again)
+    # With `--jobs N`, all workers together (one worker: these stay empty):
+    errors: list[str] = field(default_factory=list)  # each distinct SweeperError, once
+    lost: list[str] = field(default_factory=list)  # workers that died (a signal, a crash)
+    interrupted: str | None = None  # why, when Ctrl-C or SIGTERM stopped the workers
+    exit_codes: dict[int, int | None] = field(default_factory=dict)  # by worker index
 
 
 class TrialLog(Protocol):
@@ -251,21 +256,15 @@ class Worker:
         self.tracker = tracker
         self.progress = progress or (lambda event, info: None)
         self.objective: Objective = objective or Worker.train
-        self._data_key: DatasetConfig | None = None
-        self._data: Dataset | None = None
-        self._waiting_said = False
-        self._linger_until: float | None = None  # see `_wait_for_silent`
+        self.stop = StopPolicy(options.more_trials, options.heartbeat)
 
     # -- data ---------------------------------------------------------------------------
     def dataset(self, cfg: DatasetConfig) -> Dataset:
-        """The dataset for a trial; reloaded only when a searched key changes it."""
+        """The dataset for a trial, from the data module's per-process cache: loaded again
+        only when a searched key changes its tensors (augmentation does not)."""
         from sweeper.ml.data import load_dataset
 
-        key = cfg.model_copy(update={"augment": cfg.augment.model_construct()})
-        if self._data is None or key != self._data_key:
-            self._data = load_dataset(cfg, device=self.device, data_dir=self.options.data_dir)
-            self._data_key = key
-        return self._data
+        return load_dataset(cfg, device=self.device, data_dir=self.options.data_dir)
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> RunReport:
@@ -298,18 +297,18 @@ class Worker:
             while True:
                 stopping.raise_if_stopped()
                 self.fail_lost_trials(study)
-                reason = self._stop_reason(study, queries, len(outcomes), target,
-                                           started, timeout)
+                reason = self.stop.reason(study, queries, len(outcomes), target, started,
+                                          timeout)
                 if reason is not None:
                     stopped_by = reason
-                    if reason in ("budget", "grid-exhausted") and self._wait_for_silent(
+                    if reason in ("budget", "grid-exhausted") and self.stop.wait_for_silent(
                             queries, ran_trials=bool(outcomes)):
                         continue
                     if reason == "budget" and not outcomes:
                         stopped_by = "nothing-to-do"
                     break
                 outcome = self.run_trial(study)
-                self._linger_until = None
+                self.stop.trial_ran()
                 outcomes.append(outcome)
                 self.progress("trial", {"outcome": outcome, "study": study})
                 stopping.checkpoint("between-trials")
@@ -369,56 +368,6 @@ class Worker:
                 raise
             checked.result()
 
-    def _stop_reason(self, study: optuna.Study, queries: StudyQueries, ran: int,
-                     target: int | None, started: float, timeout: float | None
-                     ) -> str | None:
-        """Why this worker should start no new trial, or None."""
-        more = self.options.more_trials
-        if more is not None and ran >= more:
-            return "trials"
-        if timeout is not None and time.monotonic() - started >= timeout:
-            return "timeout"
-        counts = queries.counts()
-        # Trials that other workers are running count too: they are likely to finish, and
-        # a silent one is taken back before this worker stops (`_wait_for_silent`).
-        if target is not None and (queries.budget_count(counts) + counts.get("RUNNING", 0)
-                                   >= target):
-            return "budget"
-        # Queued trials (re-queued lost ones, enqueued ones) run before the grid counts.
-        if not counts.get("WAITING") and samplers.grid_points_left(study) == 0:
-            return "grid-exhausted"
-        return None
-
-    def _wait_for_silent(self, queries: StudyQueries, *, ran_trials: bool) -> bool:
-        """Whether to wait a moment before stopping at the budget. Other workers' trials
-        still count toward it, and one of them may be lost: its retry is then this
-        worker's to run. A worker that has been running trials lingers one grace period
-        (a worker that died a moment ago still looks alive), and any worker waits as long
-        as a running trial stays silent. Trials that keep beating are their workers' to
-        finish: nobody waits for them beyond that, and a worker that arrives at a full
-        study says so at once."""
-        settings = self.options.heartbeat
-        running = queries.running()
-        if not running:
-            return False
-        now = time.monotonic()
-        if self._linger_until is None:
-            self._linger_until = now + (settings.grace_s + settings.interval_s
-                                        if ran_trials else 0.0)
-        silent = [t for t in running if settings.suspect(t)]
-        if not silent and now >= self._linger_until:
-            return False
-        if silent and not self._waiting_said:
-            self._waiting_said = True
-            numbers = ", ".join(f"#{t.number}" for t in silent)
-            log.warning("the study is at its budget, but the worker(s) of trial(s) %s went "
-                        "silent: waiting up to %g s to take them back", numbers,
-                        settings.grace_s)
-        # A cheap query: look often, so that the worker leaves soon after the last trial.
-        with stopping.interruptible():
-            time.sleep(min(settings.interval_s, LINGER_POLL_S))
-        return True
-
     def fail_lost_trials(self, study: optuna.Study) -> None:
         """Fail and re-queue the trials whose workers vanished (see `heartbeat`)."""
         on_lost = self.tracker.trial_lost if self.tracker is not None else None
@@ -428,9 +377,10 @@ class Worker:
             log.warning("could not check for lost trials: %s", one_line(str(exc)))
 
     def run_trial(self, study: optuna.Study) -> TrialOutcome:
-        """Ask, train, tell, with the trial's heartbeat going all the while. Returns how the
-        trial ended; raises only KeyboardInterrupt (after telling Optuna) and StorageError
-        (an outage that outlasted the retries).
+        """One trial: ask, suggest, fit and evaluate (the objective), tell, with the trial's
+        heartbeat going all the while. Returns how the trial ended; raises only
+        KeyboardInterrupt (after telling Optuna) and StorageError (an outage that outlasted
+        the retries). Every way a trial ends maps to one state (`endings.ending_of`).
 
         Everything but the training runs with signals deferred (see `stopping`): a stop
         that arrives while the trial is asked for, its run created or its result told
@@ -442,8 +392,34 @@ class Worker:
         with contextlib.suppress(StorageError):  # readers fall back to their own settings
             rdb_of(study).set_trial_system_attr(trial._trial_id, ATTR_HEARTBEAT,
                                                 settings.as_attr())
+        outcome = TrialOutcome(trial.number, Outcome.FAIL)
         with heartbeat.beating(rdb_of(study), trial._trial_id, settings):
-            return self._attempt(study, trial)
+            started = time.monotonic()
+            try:
+                config = self._suggest(study, trial, outcome)
+                with self._trial_run(trial, config) as run, stopping.interruptible():
+                    values, metrics = self.objective(self, trial, config, run)  # fit, evaluate
+                outcome.values, outcome.metrics = values, metrics
+                outcome.ended(COMPLETED)
+            except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (see `stopping`)
+                outcome.ended(ending_of(stop))
+                outcome.seconds = time.monotonic() - started
+                with stopping.deferred():
+                    self._tell(study, trial, outcome)
+                stop.recorded = (  # type: ignore[attr-defined]
+                    f"the running trial was recorded as {outcome.state} (#{trial.number})")
+                raise
+            except Exception as exc:  # any error fails this trial, never the study
+                outcome.ended(ending_of(exc, device=self.device))
+                if outcome.detail:
+                    log.debug("trial %d failed:\n%s", trial.number, outcome.detail)
+            finally:
+                # After the except blocks: the exception and its frames (the model, the
+                # batch) are gone, so their memory can actually be returned.
+                _free_device_memory(self.device)
+            outcome.seconds = time.monotonic() - started
+            self._tell(study, trial, outcome)
+        return outcome
 
     def _ask(self, study: optuna.Study) -> optuna.Trial:
         """`study.ask()`, retried through a database blip. An attempt whose commit landed
@@ -451,38 +427,16 @@ class Worker:
         take it back like any lost one."""
         return retrying.retry(study.ask, "ask the Optuna storage for a new trial")
 
-    def _attempt(self, study: optuna.Study, trial: optuna.Trial) -> TrialOutcome:
-        outcome = TrialOutcome(trial.number, Outcome.FAIL)
-        started = time.monotonic()
-        try:
-            trial.set_user_attr(ATTR_WORKER, self.options.worker)
-            config = space.suggest(trial, self.spec)
-            outcome.params = dict(trial.params)
-            samplers.check_grid_point(study, trial)
-            trial.set_user_attr(ATTR_CONFIG, config.flat())
-            with self._trial_run(trial, config) as run, stopping.interruptible():
-                values, metrics = self.objective(self, trial, config, run)
-                outcome.values, outcome.metrics = values, metrics
-                outcome.ended(COMPLETED)
-        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (see `stopping`)
-            outcome.ended(ending_of(stop))
-            outcome.seconds = time.monotonic() - started
-            with stopping.deferred():
-                self._tell(study, trial, outcome)
-            stop.recorded = (  # type: ignore[attr-defined]
-                f"the running trial was recorded as {outcome.state} (#{trial.number})")
-            raise
-        except Exception as exc:  # any error fails this trial, never the study
-            outcome.ended(ending_of(exc, device=self.device))
-            if outcome.detail:
-                log.debug("trial %d failed:\n%s", trial.number, outcome.detail)
-        finally:
-            # After the except blocks: the exception and its frames (the model, the batch)
-            # are gone, so their memory can actually be returned.
-            _free_device_memory(self.device)
-        outcome.seconds = time.monotonic() - started
-        self._tell(study, trial, outcome)
-        return outcome
+    def _suggest(self, study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome
+                 ) -> TrialConfig:
+        """The trial's config from the space (validated), recorded in the trial; a grid
+        point that another worker already trains fails here."""
+        trial.set_user_attr(ATTR_WORKER, self.options.worker)
+        config = space.suggest(trial, self.spec)
+        outcome.params = dict(trial.params)
+        samplers.check_grid_point(study, trial)
+        trial.set_user_attr(ATTR_CONFIG, config.flat())
+        return config
 
     @contextlib.contextmanager
     def _trial_run(self, trial: optuna.Trial, config: TrialConfig) -> Iterator[Any]:

@@ -184,6 +184,7 @@ def test_worker_reuses_loaded_data(storage: str) -> None:
     worker = Worker(spec, RunOptions(storage=storage, device="cpu"))
     first = worker.dataset(spec.dataset)
     rotated = spec.resolve({"dataset.augment.rotate": 10.0}).dataset
-    assert worker.dataset(rotated) is first, "augmentation is applied per batch, not on load"
+    assert worker.dataset(rotated).train.x is first.train.x, \
+        "augmentation is applied per batch, not on load"
     bigger = spec.resolve({"dataset.val_fraction": 0.2}).dataset
-    assert worker.dataset(bigger) is not first
+    assert worker.dataset(bigger).train.x is not first.train.x
