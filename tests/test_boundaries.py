@@ -57,7 +57,7 @@ FOLDERS: dict[str, tuple[tuple[str, ...], set[str]]] = {
     "results": (("__init__", "read", "scoring", "rerun", "report"),
                 {"mlflow"} | inner("search.study", "fleet", "cli")),
     # What people see: no storage internals, no torch.
-    "render": (("__init__", "plots", "images", "display", "views"),
+    "render": (("__init__", "plots", "images", "formats", "display", "views"),
                {"mlflow", "torch", "torchvision", "sqlalchemy"}
                | inner("search.storage", "search.queries", "search.sqlite", "tracking", "ml",
                        "cli")),

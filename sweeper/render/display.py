@@ -6,7 +6,6 @@ elsewhere (CI, logs) one plain line per finished trial, so logs stay readable.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sweeper.keys import ATTR_REASON
+from sweeper.render.formats import STATE_STYLE, fmt_params, fmt_seconds, fmt_value
 
 if TYPE_CHECKING:
     import optuna
@@ -23,36 +23,6 @@ if TYPE_CHECKING:
 
     from sweeper.search.study import RunReport, TrialOutcome
     from sweeper.spec.config import StudySpec
-
-STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan",
-               "WAITING": "dim"}
-
-
-def fmt_value(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if value == 0 or 1e-3 <= abs(value) < 1e5:
-        return f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 1e5 else f"{value:.0f}"
-    return f"{value:.3g}"
-
-
-def fmt_params(params: dict[str, Any], width: int = 70) -> str:
-    text = ", ".join(f"{k}={fmt_value(v) if isinstance(v, float) else v}"
-                     for k, v in params.items())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def fmt_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
 
 def best_text(study: optuna.Study) -> str:
     """'0.9871 (#12)' for one objective, '3 on the Pareto front' for several."""
@@ -143,7 +113,7 @@ class RunDisplay:
             self.progress = None
 
 
-def trials_table(study: optuna.Study, *, limit: int = 20, highlight: Sequence[int] = ()
+def run_table(study: optuna.Study, *, limit: int = 20, highlight: Sequence[int] = ()
                  ) -> Table:
     """The study's latest trials: number, state, values, params, duration, reason."""
     trials = study.get_trials(deepcopy=False)[-limit:]
@@ -170,7 +140,7 @@ def trials_table(study: optuna.Study, *, limit: int = 20, highlight: Sequence[in
 
 def print_summary(report: RunReport, study: optuna.Study, console: Console) -> None:
     """The table of trials, then the best trial(s) and how the run ended."""
-    console.print(trials_table(study, highlight=[o.number for o in report.outcomes]))
+    console.print(run_table(study, highlight=[o.number for o in report.outcomes]))
     counts: dict[str, int] = {}
     for outcome in report.outcomes:
         counts[outcome.state] = counts.get(outcome.state, 0) + 1

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
-from sweeper.render.display import STATE_STYLE, fmt_params, fmt_seconds, fmt_value
+from sweeper.render.formats import STATE_STYLE, fmt_params, fmt_seconds, fmt_value
 
 if TYPE_CHECKING:
     from sweeper.results.read import StudySummary, TrialResult

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sweeper.errors import SweeperError
 from sweeper.keys import ATTR_CONFIG, ATTR_SPEC
 from sweeper.render import plots
-from sweeper.render.display import fmt_value
+from sweeper.render.formats import fmt_value
 from sweeper.results.read import TrialResult, best_trials, load_study, objective_names
 
 if TYPE_CHECKING:
