@@ -10,6 +10,7 @@ COMPLETE, PRUNED, or FAIL with a reason; an exception in one trial never stops t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import math
@@ -399,10 +400,11 @@ class Worker:
                 config = self._suggest(study, trial, outcome)
                 with self._trial_run(trial, config) as run, stopping.interruptible():
                     values, metrics = self.objective(self, trial, config, run)  # fit, evaluate
-                outcome.values, outcome.metrics = values, metrics
-                outcome.ended(COMPLETED)
+                    outcome.values, outcome.metrics = values, metrics
+                    outcome.ended(COMPLETED)
             except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (see `stopping`)
-                outcome.ended(ending_of(stop))
+                # A stop that lands as a completed trial's run closes keeps its result.
+                outcome.ended(dataclasses.replace(ending_of(stop), state=outcome.state))
                 outcome.seconds = time.monotonic() - started
                 with stopping.deferred():
                     self._tell(study, trial, outcome)
