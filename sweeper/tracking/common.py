@@ -1,5 +1,6 @@
-"""Names and small helpers shared by the tracking modules: the tags and attributes that
-link Optuna and MLflow, and how values become MLflow keys, params and one-line errors."""
+"""Small helpers shared by the tracking modules: how values become MLflow keys, params and
+one-line errors, the registry alias, and MLflow's HTTP settings (the tag and attr names
+that link Optuna and MLflow are in `sweeper.keys`)."""
 
 from __future__ import annotations
 
