@@ -6,14 +6,15 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 
 def __getattr__(name: str) -> Any:
-    if name.startswith("__"):
+    if name.startswith("_") or name in ("read", "report", "rerun", "scoring"):
+        # A submodule not imported yet (the import system asks here first) or a dunder.
         raise AttributeError(name)
-    from sweeper.results import read
-
+    read = importlib.import_module("sweeper.results.read")
     try:
         return getattr(read, name)
     except AttributeError:
