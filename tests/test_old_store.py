@@ -89,19 +89,18 @@ def test_read_commands_print_what_the_release_printed(old_store: Path, args: lis
     assert done.stdout == (OLD / printed).read_text().replace(WRITTEN_AT, str(old_store))
 
 
-def test_the_best_model_loads_and_predicts(old_store: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_best_model_loads_and_predicts(old_store: Path) -> None:
     import torch
 
     import sweeper
 
-    monkeypatch.chdir(old_store)
-    monkeypatch.delenv("SWEEPER_STORAGE", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    best = sweeper.best_trial(STUDY)
+    # Absolute URLs: this process has opened other stores under the relative default.
+    stores = {"storage": f"sqlite:///{old_store / 'mlruns' / 'optuna.db'}",
+              "tracking_uri": f"sqlite:///{old_store / 'mlruns' / 'mlflow.db'}"}
+    best = sweeper.best_trial(STUDY, **stores)
     released = json.loads((OLD / "best.json").read_text().splitlines()[0])
     assert best.number == released["number"] and best.run_id == released["run_id"]
-    model = sweeper.load_model(best)
+    model = sweeper.load_model(best, tracking_uri=stores["tracking_uri"])
     with torch.no_grad():
         logits = model(torch.zeros(3, 1, 8, 8))
     assert logits.shape == (3, 4) and torch.isfinite(logits).all()  # 4 synthetic classes
