@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sweeper.errors import TrackingError, is_disk_full
 from sweeper.heartbeat import ATTR_WORKER
+from sweeper.priority import lower_this_thread
 from sweeper.storage import redact
 from sweeper.study import ATTR_RUN_ID
 from sweeper.tracking.common import (
@@ -184,8 +185,11 @@ class MlflowTracker:
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         """Run `fn` on the tracker's one background thread (calls keep their order)."""
         if self._executor is None:
+            # Lowest CPU priority: the uploads run while training leaves a core idle,
+            # instead of slowing every parallel op of the next trial (sweeper.priority).
             self._executor = ThreadPoolExecutor(max_workers=1,
-                                                thread_name_prefix="sweeper-mlflow")
+                                                thread_name_prefix="sweeper-mlflow",
+                                                initializer=lower_this_thread)
         return self._executor.submit(fn, *args, **kwargs)
 
     def queue(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
