@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Sampler, TensorDataset
 
 STYLES = {"classic": (torch.sigmoid, F.avg_pool2d), "modern": (torch.relu, F.max_pool2d)}
 
@@ -47,6 +48,19 @@ class LeNet5(nn.Module):
         return self.fc3(x)
 
 
+class SweeperOrder(Sampler[int]):
+    """One permutation per epoch from one generator seeded once, as `sweeper.train.fit`."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.generator = n, torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (big-endian header: magic, then one size per dimension) as an array."""
     raw = path.read_bytes()
@@ -69,6 +83,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--order", choices=("loader", "sweeper"), default="loader",
+                        help="batch order: the DataLoader's shuffling, or sweeper's (one "
+                             "randperm per epoch from a generator seeded with --seed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     raw = Path(os.environ.get("SWEEPER_DATA_DIR", "data")) / "MNIST" / "raw"
@@ -89,12 +108,21 @@ def main() -> None:
     train_y, val_x, val_y = labels[train_idx], prepare(images[val_idx]), labels[val_idx]
     torch.manual_seed(args.seed)
     model = LeNet5(args.style)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loader = DataLoader(TensorDataset(train_x, train_y), batch_size=128, shuffle=True,
-                        generator=torch.Generator().manual_seed(args.seed))
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    dataset = TensorDataset(train_x, train_y)
+    if args.order == "sweeper":
+        # The very batches sweeper's trainer draws: with the same initial weights (both
+        # seed torch's global generator, then create the same layers in the same order),
+        # the two loops then do the same arithmetic.
+        loader = DataLoader(dataset, batch_sampler=BatchSampler(
+            SweeperOrder(len(dataset), args.seed), args.batch_size, drop_last=False))
+    else:
+        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(args.seed))
     params = sum(p.numel() for p in model.parameters())
     print(f"reference lenet {args.style}: {params} params, {len(train_y)}/{len(val_y)} "
-          f"images, mean {mean:.4f} std {std:.4f}, {args.threads} thread(s)", flush=True)
+          f"images, mean {mean:.4f} std {std:.4f}, batch {args.batch_size}, lr {args.lr}, "
+          f"seed {args.seed}, {args.order} order, {args.threads} thread(s)", flush=True)
     started = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         epoch_started = time.perf_counter()
