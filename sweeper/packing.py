@@ -312,122 +312,85 @@ _ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.LeakyReLU, nn.MaxPool2
 # The functional optimizers: torch.optim's single-tensor maths, one value per member
 # --------------------------------------------------------------------------------------
 class PackedOptimizer:
-    """`train.build_optimizer`'s optimizers over stacked parameters, with each member's
-    hyperparameters as a (K, 1, ...) tensor; the steps follow torch.optim's
-    `_single_tensor_*` implementations (the ones torch uses on the CPU) line by line."""
+    """`train.build_optimizer`'s optimizers over stacked parameters: each member is stepped
+    by torch.optim's own functional implementation on its slices of the stacked tensors,
+    with its own hyperparameters and its own state. Fused kernels (one pass over each
+    tensor, no temporaries) where torch has them for the device (adam, adamw, sgd,
+    momentum, adagrad), torch's single-tensor code otherwise (rmsprop): the same maths as
+    a lone trial's optimizer, to float rounding."""
 
-    def __init__(self, name: str, params: dict[str, torch.Tensor], cfgs: Sequence[TrainConfig]
-                 ) -> None:
+    FUSED = ("adam", "adamw", "sgd", "momentum", "adagrad")
+
+    def __init__(self, name: str, params: dict[str, torch.Tensor],
+                 cfgs: Sequence[TrainConfig]) -> None:
         self.name = name
         self.cfgs = list(cfgs)
         self.base_lr = [c.lr for c in cfgs]
         self.lr = list(self.base_lr)
-        self.state: dict[str, dict[str, torch.Tensor]] = {}
-        self.steps = 0
-        self._hyper: dict[str, torch.Tensor] = {}
-        self._build_hyper(next(iter(params.values())).device)
+        self.fused = name in self.FUSED
+        # per member: state name -> one tensor per parameter (in `params` order)
+        self.state: list[dict[str, list[Any]]] = [self._fresh(params, k)
+                                                  for k in range(len(self.cfgs))]
 
-    def _build_hyper(self, device: torch.device) -> None:
-        cfgs = self.cfgs
+    def _fresh(self, params: dict[str, torch.Tensor], k: int) -> dict[str, list[Any]]:
+        tensors = [p[k] for p in params.values()]
+        cfg = self.cfgs[k]
 
-        def t(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+        def zeros() -> list[torch.Tensor]:
+            return [torch.zeros_like(t, memory_format=torch.preserve_format) for t in tensors]
 
-        self._hyper = {
-            "wd": t([c.weight_decay for c in cfgs]),
-            "momentum": t([float(c.momentum or 0.0) for c in cfgs]),
-            "alpha": t([c.alpha for c in cfgs]),
-            "beta1": t([c.betas[0] for c in cfgs]),
-            "beta2": t([c.betas[1] for c in cfgs]),
-            "eps": t([float(c.eps or 1e-8) for c in cfgs]),
-            # as `train.build_optimizer`: Nesterov only where there is momentum
-            "nesterov": t([float(c.nesterov and float(c.momentum or 0.0) > 0) for c in cfgs]),
-        }
-        self._hyper64 = {key: [float(v) for v in value.tolist()] for key, value in
-                         self._hyper.items()}
-        self._hyper64["beta1"] = [c.betas[0] for c in cfgs]
-        self._hyper64["beta2"] = [c.betas[1] for c in cfgs]
+        def steps() -> list[torch.Tensor]:
+            return [torch.zeros((), dtype=torch.float32, device=t.device) for t in tensors]
+
+        name = self.name
+        if name in ("adam", "adamw"):
+            return {"exp_avg": zeros(), "exp_avg_sq": zeros(), "step": steps()}
+        if name == "rmsprop":
+            momentum = float(cfg.momentum or 0.0)
+            return {"square_avg": zeros(), "step": steps(),
+                    "momentum_buffer": zeros() if momentum > 0 else []}
+        if name == "adagrad":
+            return {"sum": zeros(), "step": steps()}
+        return {"momentum_buffer": [None] * len(tensors)}
 
     def keep(self, rows: list[int]) -> None:
-        device = next(iter(self._hyper.values())).device
-        index = torch.tensor(rows, device=device)
-        for state in self.state.values():
-            for key, value in state.items():
-                state[key] = value.index_select(0, index).contiguous()
+        self.state = [self.state[r] for r in rows]
         self.cfgs = [self.cfgs[r] for r in rows]
         self.base_lr = [self.base_lr[r] for r in rows]
         self.lr = [self.lr[r] for r in rows]
-        self._build_hyper(device)
-
-    def _per(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return values.reshape(-1, *([1] * (like.ndim - 1)))
-
-    def _col(self, values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(
-            -1, *([1] * (like.ndim - 1)))
 
     @torch.no_grad()
     def step(self, params: dict[str, torch.Tensor]) -> None:
-        self.steps += 1
-        name = self.name
-        h = self._hyper
-        for key, param in params.items():
-            grad = param.grad
-            if grad is None:
-                continue
-            state = self.state.setdefault(key, {})
-            lr = self._col(self.lr, param)
-            wd = self._per(h["wd"], param)
-            if name in ("sgd", "momentum"):
-                grad = grad + wd * param
-                if name == "momentum":
-                    m = self._per(h["momentum"], param)
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = grad.clone()
-                        state["momentum_buffer"] = buf
-                    else:
-                        buf.mul_(m).add_(grad)
-                    nesterov = self._per(h["nesterov"], param) > 0
-                    grad = torch.where(nesterov, grad + m * buf, buf)
-                param.sub_(lr * grad)
+        from torch.optim import adagrad, adam, rmsprop, sgd
+
+        stacked = list(params.values())
+        for k, (cfg, state, lr) in enumerate(zip(self.cfgs, self.state, self.lr,
+                                                 strict=True)):
+            ps = [p[k] for p in stacked]
+            grads = [p.grad[k] if p.grad is not None else torch.zeros_like(p[k])
+                     for p in stacked]
+            wd = cfg.weight_decay
+            momentum = float(cfg.momentum or 0.0)
+            eps = float(cfg.eps or 1e-8)
+            name = self.name
+            if name in ("adam", "adamw"):
+                adam.adam(ps, grads, state["exp_avg"], state["exp_avg_sq"], [], state["step"],
+                          fused=True, decoupled_weight_decay=name == "adamw", amsgrad=False,
+                          beta1=cfg.betas[0], beta2=cfg.betas[1], lr=lr, weight_decay=wd,
+                          eps=eps, maximize=False)
+            elif name in ("sgd", "momentum"):
+                m = momentum if name == "momentum" else 0.0
+                sgd.sgd(ps, grads, state["momentum_buffer"], fused=True, weight_decay=wd,
+                        momentum=m, lr=lr, dampening=0.0,
+                        nesterov=bool(cfg.nesterov and m > 0), maximize=False)
             elif name == "rmsprop":
-                grad = grad + wd * param
-                square = state.setdefault("square_avg", torch.zeros_like(param))
-                alpha = self._per(h["alpha"], param)
-                square.mul_(alpha).addcmul_(grad, grad * (1 - alpha))
-                avg = square.sqrt().add_(self._per(h["eps"], param))
-                if any(self._hyper64["momentum"]):
-                    buf = state.setdefault("momentum_buffer", torch.zeros_like(param))
-                    buf.mul_(self._per(h["momentum"], param)).addcdiv_(grad, avg)
-                    param.sub_(lr * buf)
-                else:
-                    param.sub_(lr * grad / avg)
+                rmsprop.rmsprop(ps, grads, state["square_avg"], [], state["momentum_buffer"],
+                                state["step"], foreach=False, lr=lr, alpha=cfg.alpha,
+                                eps=eps, weight_decay=wd, momentum=momentum, centered=False)
             elif name == "adagrad":
-                grad = grad + wd * param
-                total = state.setdefault("sum", torch.zeros_like(param))
-                total.addcmul_(grad, grad)
-                std = total.sqrt().add_(self._per(h["eps"], param))
-                param.sub_(lr * grad / std)
-            elif name in ("adam", "adamw"):
-                if name == "adamw":
-                    param.mul_(1 - lr * wd)
-                else:
-                    grad = grad + wd * param
-                exp_avg = state.setdefault("exp_avg", torch.zeros_like(param))
-                exp_sq = state.setdefault("exp_avg_sq", torch.zeros_like(param))
-                b1 = self._per(h["beta1"], param)
-                b2 = self._per(h["beta2"], param)
-                exp_avg.lerp_(grad, 1 - b1)
-                exp_sq.mul_(b2).addcmul_(grad, grad * (1 - b2))
-                step = self.steps
-                bc1 = [1 - b ** step for b in self._hyper64["beta1"]]
-                bc2 = [math.sqrt(1 - b ** step) for b in self._hyper64["beta2"]]
-                step_size = self._col([lr_ / c for lr_, c in zip(self.lr, bc1, strict=True)],
-                                      param)
-                denom = (exp_sq.sqrt() / self._col(bc2, param)).add_(
-                    self._per(h["eps"], param))
-                param.sub_(step_size * exp_avg / denom)
+                adagrad.adagrad(ps, grads, state["sum"], state["step"], fused=True, lr=lr,
+                                weight_decay=wd, lr_decay=0.0, eps=float(cfg.eps or 1e-10),
+                                maximize=False)
             else:
                 raise SweeperError(f"unknown optimizer {name!r}")
 
