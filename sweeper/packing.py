@@ -167,15 +167,22 @@ class PackedNet:
         self.params: dict[str, torch.Tensor] = {}
         self.buffers: dict[str, torch.Tensor] = {}
         states = [m.state_dict() for m in members]
+        # Dense weights are kept as (K, in, out): the batched product then reads them in
+        # place and their gradients come out in the same layout (no copy per step).
+        self.transposed = {f"{path}.weight" for path, m in template.named_modules()
+                           if isinstance(m, nn.Linear)}
         for name in names:
-            stacked = torch.stack([s[name].detach().to(device, torch.float32)
+            stacked = torch.stack([self._layout(name, s[name].detach().to(device,
+                                                                          torch.float32))
                                    for s in states]).contiguous()
             self.params[name] = stacked.requires_grad_(True)
         for name in buffers:
             self.buffers[name] = torch.stack([s[name].detach().to(device)
                                               for s in states]).contiguous()
         self.training = True
-        self._dropout_p = torch.tensor(self.dropouts)
+
+    def _layout(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.t() if name in self.transposed else tensor
 
     # -- membership ---------------------------------------------------------------------
     def keep(self, rows: list[int]) -> None:
@@ -192,7 +199,8 @@ class PackedNet:
 
     def write_back(self, row: int, model: nn.Module) -> None:
         """Member `row`'s weights and buffers into its own single model."""
-        state = {name: p[row].detach().clone() for name, p in self.params.items()}
+        state = {name: self._layout(name, p[row].detach()).clone()
+                 for name, p in self.params.items()}
         state.update({name: b[row].clone() for name, b in self.buffers.items()})
         own = model.state_dict()
         model.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in state.items()
@@ -240,8 +248,8 @@ class PackedNet:
             w = self.params[f"{path}.weight"]
             bias = self.params.get(f"{path}.bias")
             if bias is None:
-                return torch.bmm(h, w.transpose(1, 2)), True
-            return torch.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2)), True
+                return torch.bmm(h, w), True
+            return torch.baddbmm(bias.unsqueeze(1), h, w), True
         if isinstance(m, nn.Conv2d):
             w = self.params[f"{path}.weight"]
             bias = self.params.get(f"{path}.bias")
@@ -293,15 +301,11 @@ class PackedNet:
             return h
         if not dense:
             raise SweeperError("trial packing supports dropout on dense features only")
-        masks = []
-        for p, gen in zip(self.dropouts, self.generators, strict=True):
-            if p == 0:
-                masks.append(torch.ones(h.shape[1:], dtype=h.dtype, device=h.device))
-                continue
-            noise = torch.empty(h.shape[1:], dtype=h.dtype, device=h.device)
-            noise.bernoulli_(1 - p, generator=gen)
-            masks.append(noise.div_(1 - p))
-        return h * torch.stack(masks)
+        masks = torch.ones(h.shape, dtype=h.dtype, device=h.device)
+        for row, (p, gen) in enumerate(zip(self.dropouts, self.generators, strict=True)):
+            if p > 0:
+                masks[row].bernoulli_(1 - p, generator=gen).div_(1 - p)
+        return h * masks
 
 
 _ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.LeakyReLU, nn.MaxPool2d,
@@ -361,7 +365,7 @@ class PackedOptimizer:
 
     @torch.no_grad()
     def step(self, params: dict[str, torch.Tensor]) -> None:
-        from torch.optim import adagrad, adam, rmsprop, sgd
+        from torch.optim import adagrad, rmsprop, sgd
 
         stacked = list(params.values())
         for k, (cfg, state, lr) in enumerate(zip(self.cfgs, self.state, self.lr,
@@ -374,10 +378,14 @@ class PackedOptimizer:
             eps = float(cfg.eps or 1e-8)
             name = self.name
             if name in ("adam", "adamw"):
-                adam.adam(ps, grads, state["exp_avg"], state["exp_avg_sq"], [], state["step"],
-                          fused=True, decoupled_weight_decay=name == "adamw", amsgrad=False,
-                          beta1=cfg.betas[0], beta2=cfg.betas[1], lr=lr, weight_decay=wd,
-                          eps=eps, maximize=False)
+                # What `torch.optim.adam.adam(..., fused=True)` calls, without its grouping
+                # of tensors by device and dtype (ours share both): a step counts here.
+                torch._foreach_add_(state["step"], 1)
+                kernel = torch._fused_adamw_ if name == "adamw" else torch._fused_adam_
+                kernel(ps, grads, state["exp_avg"], state["exp_avg_sq"], [], state["step"],
+                       amsgrad=False, lr=lr, beta1=cfg.betas[0], beta2=cfg.betas[1],
+                       weight_decay=wd, eps=eps, maximize=False, grad_scale=None,
+                       found_inf=None)
             elif name in ("sgd", "momentum"):
                 m = momentum if name == "momentum" else 0.0
                 sgd.sgd(ps, grads, state["momentum_buffer"], fused=True, weight_decay=wd,
@@ -398,6 +406,38 @@ class PackedOptimizer:
 def _cosine_lr(base: float, step: int, total: int) -> float:
     """CosineAnnealingLR's closed form (eta_min 0) after `step` of `total` steps."""
     return base * (1 + math.cos(math.pi * step / total)) / 2
+
+
+# --------------------------------------------------------------------------------------
+# Host memory: keep freed pages for the next step
+# --------------------------------------------------------------------------------------
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_tuned = False
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc's allocator to keep freed memory in the process (once per process).
+
+    A pack's activations are K times a lone trial's: tens of MB that are freed and
+    allocated again every step. By default glibc hands such blocks back to the kernel
+    (mmap'd above 32 MB, the heap trimmed above 128 KB of free space at its top), and
+    the next step pays for zeroed pages again: measured 20-40% of a packed LeNet-5 step
+    on 2 CPU cores (benchmarks/packing.py). Other C libraries are left as they are."""
+    global _tuned
+    if _tuned:
+        return
+    _tuned = True
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's ceiling for this setting
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    mallopt(_M_TOP_PAD, 64 << 20)
 
 
 # --------------------------------------------------------------------------------------
@@ -435,6 +475,8 @@ def fit_packed(models: Sequence[nn.Module], configs: Sequence[TrialConfig], data
     if not packable(first):
         raise SweeperError(f"arch {first.model.arch} cannot be packed; it trains alone")
     epochs, batch_size = first.epochs, first.train.batch_size
+    if device.type == "cpu":
+        keep_freed_memory()
     started = time.perf_counter()
     cuda = device.type == "cuda"
     train, val = _on_device(data.train, device), _on_device(data.val, device)
