@@ -153,3 +153,21 @@ def test_kill_9_mid_pack_loses_no_finished_trial_and_leaves_nothing_running(
     for trial in trials[:3]:
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         assert "val_accuracy" in run.data.metrics and run.info.status == "FINISHED"
+
+
+def test_run_takes_pack_from_the_command_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sweeper.cli import app
+
+    path = tmp_path / "cli.yaml"
+    path.write_text(STUDY.format(name="cli", trials=2, pack=1))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    bad = CliRunner().invoke(app, ["run", str(path), "--pack", "0", "--storage", storage])
+    assert bad.exit_code == 2 and "--pack" in bad.output
+    assert not (tmp_path / "optuna.db").exists()
+    result = CliRunner().invoke(app, ["run", str(path), "--pack", "2", "--storage", storage,
+                                      "--device", "cpu", "--no-tracking"])
+    assert result.exit_code == 0, result.output
+    trials = optuna.load_study(study_name="cli", storage=storage).get_trials()
+    assert [t.user_attrs[ATTR_PACK] for t in trials] == [[0, 1], [0, 1]]
