@@ -82,13 +82,19 @@ def main() -> None:
             rows.append((arch, label, median, min(times[label]), args.trials * 3600 / median,
                          base / median, peaks.get(label), estimate * k))
         print(f"  {arch} done, load {_load()}", flush=True)
+        _table(rows[-len(PACKS):])
+    print("all networks:")
+    _table(rows)
+    print(f"load average after: {_load()}")
+
+
+def _table(rows: list[tuple]) -> None:  # type: ignore[type-arg]
     print(f"{'network':9} {'K':>2} {'median s':>9} {'best s':>8} {'trials/h':>9} "
           f"{'speed-up':>8} {'peak MiB':>9} {'est. MiB':>9}")
     for arch, label, median, best, per_hour, speedup, peak, est in rows:
         peak_text = f"{peak:9.0f}" if peak is not None else f"{'-':>9}"
         print(f"{arch:9} {label:>2} {median:9.2f} {best:8.2f} {per_hour:9.0f} "
-              f"{speedup:7.2f}x {peak_text} {est:9.0f}")
-    print(f"load average after: {_load()}")
+              f"{speedup:7.2f}x {peak_text} {est:9.0f}", flush=True)
 
 
 def _run(k: int, packed: bool, configs: list[TrialConfig], data: Dataset,
