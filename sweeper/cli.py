@@ -152,6 +152,10 @@ def run(
         "--jobs", "-j", min=1, envvar="SWEEPER_JOBS",
         help="Worker processes on this machine (one GPU each when there are several; on "
              "the CPU the cores are shared out).")] = 1,
+    pack: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--pack", min=1, max=64, show_default=False,
+        help="Train up to K trials of one shape together as one stacked network (trial "
+             "packing); overrides the study file's `pack`.")] = None,
     storage: StorageOpt = None,
     device: DeviceOpt = None,
     data_dir: DataDirOpt = None,
@@ -174,6 +178,8 @@ def run(
 
     with user_errors(debug):
         spec = config.load(file)
+        if pack is not None:
+            spec = config.with_pack(spec, pack)
         _quiet_libraries(debug)
         seconds = _duration(timeout, "--timeout")
         beat = _duration(heartbeat, "--heartbeat")

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import torch
 
     from sweeper.data import Dataset
+    from sweeper.train import FitResult
 
 log = logging.getLogger(__name__)
 
@@ -305,22 +306,28 @@ class Worker:
                     if reason == "budget" and not outcomes:
                         stopped_by = "nothing-to-do"
                     break
-                outcome = self.run_trial(study)
+                ended = self.run_trials(study, queries, len(outcomes), target)
                 self._linger_until = None
-                outcomes.append(outcome)
-                self.progress("trial", {"outcome": outcome, "study": study})
+                for outcome in ended:
+                    outcomes.append(outcome)
+                    self.progress("trial", {"outcome": outcome, "study": study})
                 stopping.checkpoint("between-trials")
-                full = self._disk_full(outcome)
-                if full is not None:
-                    stopped_by, message = "disk-full", full
-                    break
-                failing = failing + 1 if outcome.cause == "environment" else 0
-                if failing >= options.max_worker_failures:
-                    stopped_by = "failing"
-                    message = (f"worker {options.worker} stopped: its last {failing} trials "
-                               f"failed for reasons outside their params (last: "
-                               f"{outcome.reason}); fix this machine and run again")
-                    log.error("%s", message)
+                halt = None
+                for outcome in ended:
+                    full = self._disk_full(outcome)
+                    if full is not None:
+                        halt = ("disk-full", full)
+                        break
+                    failing = failing + 1 if outcome.cause == "environment" else 0
+                    if failing >= options.max_worker_failures:
+                        halt = ("failing", (
+                            f"worker {options.worker} stopped: its last {failing} trials "
+                            f"failed for reasons outside their params (last: "
+                            f"{outcome.reason}); fix this machine and run again"))
+                        log.error("%s", halt[1])
+                        break
+                if halt is not None:
+                    stopped_by, message = halt
                     break
         except KeyboardInterrupt as stop:
             stopped_by = "interrupted"
@@ -424,6 +431,22 @@ class Worker:
         except Exception as exc:  # the storage's trouble shows in the trial that follows
             log.warning("could not check for lost trials: %s", _one_line(str(exc)))
 
+    def run_trials(self, study: optuna.Study, queries: StudyQueries, ran: int,
+                   target: int | None) -> list[TrialOutcome]:
+        """The next trial, or with `pack` > 1 the next pack of trials that train together
+        (`packed_trials`): as many as the budget and `--trials` leave room for."""
+        room = self.spec.pack if self.objective is Worker.train else 1
+        if room > 1 and self.options.more_trials is not None:
+            room = min(room, self.options.more_trials - ran)
+        if room > 1 and target is not None:
+            counts = queries.counts()
+            room = min(room, target - queries.budget_count(counts) - counts.get("RUNNING", 0))
+        if room > 1:
+            from sweeper.packed_trials import run_pack
+
+            return run_pack(self, study, room)
+        return [self.run_trial(study)]
+
     def run_trial(self, study: optuna.Study) -> TrialOutcome:
         """Ask, train, tell, with the trial's heartbeat going all the while. Returns how the
         trial ended; raises only KeyboardInterrupt (after telling Optuna) and StorageError
@@ -511,17 +534,30 @@ class Worker:
         """The default objective: build, fit (reporting each epoch), evaluate, log."""
         import optuna
 
-        from sweeper.evaluate import evaluate, evaluate_logits, prefixed
-        from sweeper.models import build_model, count_parameters
+        from sweeper.models import build_model
         from sweeper.train import fit, seed_everything
 
         data = self.dataset(config.dataset)
         seed_everything(config.train.seed)  # the same seed gives the same initial weights
         model = build_model(config.model, data.input_shape, data.num_classes,
                             data_dir=self.options.data_dir)
-        objectives = self.spec.objective_list
+        result = fit(model, data, config.train, epochs=config.epochs, device=self.device,
+                     augment=config.dataset.augment,
+                     on_epoch=self.epoch_hook(trial, config, run))
+        if result.stopped_early:
+            raise optuna.TrialPruned(self.pruned_reason(result.history))
+        return self.complete(trial, config, run, model, data, result)
+
+    def pruned_reason(self, history: list[dict[str, float]]) -> str:
+        watched = self.spec.objective_list[0].metric
+        last = history[-1]
+        return f"pruned at epoch {int(last['epoch'])} ({watched}={last[watched]:.4g})"
+
+    def epoch_hook(self, trial: optuna.Trial, config: TrialConfig, run: Any
+                   ) -> Callable[[int, dict[str, float]], bool]:
+        """What runs after each epoch of a trial: log, report to the pruner, stop?"""
         pruning = self.spec.pruner.name != "none"
-        watched = objectives[0].metric
+        watched = self.spec.objective_list[0].metric
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
             stopping.raise_if_stopped()
@@ -538,12 +574,16 @@ class Worker:
             trial.report(metrics[watched], epoch)
             return trial.should_prune()
 
-        result = fit(model, data, config.train, epochs=config.epochs, device=self.device,
-                     augment=config.dataset.augment, on_epoch=on_epoch)
-        if result.stopped_early:
-            last = result.history[-1]
-            raise optuna.TrialPruned(f"pruned at epoch {int(last['epoch'])} "
-                                     f"({watched}={last[watched]:.4g})")
+        return on_epoch
+
+    def complete(self, trial: optuna.Trial, config: TrialConfig, run: Any, model: Any,
+                 data: Dataset, result: FitResult) -> tuple[list[float], dict[str, float]]:
+        """A trial trained to its last epoch: evaluate, record, return its objective
+        values and summary metrics."""
+        from sweeper.evaluate import evaluate, evaluate_logits, prefixed
+        from sweeper.models import count_parameters
+
+        objectives = self.spec.objective_list
         # Validation: the last epoch's pass already holds its logits. Test: once, here,
         # for a completed trial only.
         assert result.val_logits is not None

@@ -22,6 +22,8 @@ FORBIDDEN: dict[str, set[str]] = {
     "data": {"optuna", "mlflow"},
     "models": {"optuna", "mlflow", "torchvision", "sweeper.data"},
     "train": {"optuna", "mlflow"},
+    "packing": {"optuna", "mlflow"},
+    "packed_trials": {"mlflow"},
     "transfer": {"optuna", "mlflow"},
     "rerun": {"mlflow"},
     "evaluate": {"optuna", "mlflow"},

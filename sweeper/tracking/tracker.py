@@ -448,7 +448,9 @@ class MlflowTracker:
         Before a new run opens, runs more than `MAX_TRIALS_BEHIND` trials old are waited
         for, so uploads never pile up behind fast trials.
         """
-        self._close_unreported("sweeper did not report how this trial ended")
+        # Runs still open in their own context are trials packed with this one (see
+        # `packed_trials`): they are training, not unreported.
+        self._close_unreported("sweeper did not report how this trial ended", open_too=False)
         self.available()  # the store may be back
         with self.timed("trial.wait"):
             while len(self._behind) > MAX_TRIALS_BEHIND:
@@ -458,12 +460,15 @@ class MlflowTracker:
             run.open()
         self._runs[trial.number] = run
         self._behind.append(run)
+        run.in_context = True
         try:
             yield run
         except BaseException as exc:
             with self.timed("trial.end"):
                 run.abort(exc)
             raise
+        finally:
+            run.in_context = False
 
     def trial_ended(self, study: optuna.Study, outcome: TrialOutcome) -> None:
         """Give the trial's run its final status and bring the parent's `best` up to date."""
@@ -488,8 +493,11 @@ class MlflowTracker:
             self.call(f"end the run of lost trial {trial.number}", end_lost_run, self.client,
                       run_id, reason)
 
-    def _close_unreported(self, reason: str, status: str = "FAILED") -> None:
+    def _close_unreported(self, reason: str, status: str = "FAILED", *,
+                          open_too: bool = True) -> None:
         for number in list(self._runs):
+            if not open_too and self._runs[number].in_context:
+                continue
             run = self._runs.pop(number)
             run.close_unreported(reason, status)
 

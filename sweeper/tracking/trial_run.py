@@ -97,6 +97,7 @@ class TrialRun:
         self.broken = False
         self.ending = False  # its final status is queued
         self.ended_as: str | None = None  # the status this run was terminated with
+        self.in_context = False  # inside `MlflowTracker.trial_run`'s block: training
         self.error_logged = False
         self.model_id: str | None = None
         self._ops: list[Future[Any]] = []
