@@ -120,7 +120,7 @@ PER_CLASS_METRICS = ("precision", "recall", "f1", "auc")
 # (precision, recall, weighted F1) are rows of tables/per_class_<split>.csv.
 RUN_METRICS = ("accuracy", "loss", "f1_macro", "auc_macro", "auc_micro")
 RUN_SPLITS = ("val", "test")
-RUN_EXTRA_METRICS = ("train_seconds",)
+RUN_EXTRA_METRICS: tuple[str, ...] = ()  # train_seconds, n_params, epochs_run: a tag, a param
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 

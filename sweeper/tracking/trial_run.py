@@ -205,7 +205,8 @@ class TrialRun:
         for chunk in chunks(params, 100):
             self._batch("log params", params=chunk)
         if system_metrics.enabled():
-            self._sampler = system_metrics.SystemSampler(self._log_system, tracker.device)
+            self._sampler = system_metrics.SystemSampler(self._log_system,
+                                                         device_name(tracker.device))
             self._sampler.start()
 
     def _log_system(self, reading: dict[str, float], step: int, timestamp: int) -> None:
@@ -287,7 +288,8 @@ class TrialRun:
         now = now_ms()
         # At the last epoch's step, so the run's latest value of val_accuracy is the
         # final evaluation's. Per-class numbers and the other averages go to
-        # tables/per_class_<split>.csv; the model's size is a param, the epochs a tag.
+        # tables/per_class_<split>.csv; the model's size is a param, epochs and seconds
+        # tags (single points, not curves), unless one of them is an objective.
         step = int(history[-1].get("epoch", len(history))) if history else 0
         objectives = tuple(o.metric for o in self.tracker.spec.objective_list)
         batch = [Metric(metric_key(k), float(v), now, step, model_id=self.model_id)
@@ -299,6 +301,8 @@ class TrialRun:
             tags.append(RunTag("sweeper.device", device))
         if "epochs_run" in metrics:
             tags.append(RunTag("sweeper.epochs_run", str(int(metrics["epochs_run"]))))
+        if "train_seconds" in metrics:
+            tags.append(RunTag("sweeper.train_seconds", f"{metrics['train_seconds']:.2f}"))
         if "n_params" in metrics:
             self._batch("log the parameter count",
                         params=[Param("n_params", str(int(metrics["n_params"])))])
