@@ -69,7 +69,7 @@ def test_optuna_best_trial_names_the_metric_and_user_attrs_stay_small(tmp_path: 
         capture_output=True, text=True, timeout=120)
     assert answer.returncode == 0, answer.stderr
     best = json.loads(answer.stdout)
-    assert set(best["values"]) == {"val_accuracy"}, best
+    assert set(best["value"]) == {"val_accuracy"}, best  # named, not "value": 0.9
     # Every user attr is a short value; the whole records are system attrs (and MLflow's).
     study = optuna.load_study(study_name="single", storage=storage)
     assert study.user_attrs and all(len(json.dumps(v)) <= USER_ATTR_MAX_CHARS

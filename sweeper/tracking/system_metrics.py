@@ -50,14 +50,14 @@ def interval_s() -> float:
 
 
 def sample(device: str | None) -> dict[str, float]:
-    """One reading: CPU and memory of the machine and of this process; the GPU's memory
-    and (with nvidia-ml-py installed) utilisation when `device` is a CUDA device."""
+    """One reading: memory of the machine and of this process; the GPU's memory and (with
+    nvidia-ml-py installed) utilisation when `device` is a CUDA device. (CPU use is a rate
+    between two readings: `SystemSampler` adds it.)"""
     import psutil
 
     memory = psutil.virtual_memory()
     process = psutil.Process()
     out = {
-        "cpu_utilization_percentage": float(psutil.cpu_percent()),
         "system_memory_usage_megabytes": memory.used / 1e6,
         "system_memory_usage_percentage": memory.used / memory.total * 100,
         "process_memory_usage_megabytes": process.memory_info().rss / 1e6,
@@ -90,11 +90,25 @@ class SystemSampler:
         self._step = 0
         self._last = 0.0
         self._lock = threading.Lock()
+        self._cpu_times = (0.0, 0.0)  # (idle, total) seconds of all CPUs at the last reading
 
-    def start(self) -> None:
+    def _cpu_percent(self) -> float:
+        """The machine's CPU use since the last reading, in percent of all its CPUs.
+        (psutil.cpu_percent keeps its last reading per thread; the last reading of a
+        trial is taken on another thread than the others.)"""
         import psutil
 
-        psutil.cpu_percent()  # the first reading of CPU use is since this call
+        times = psutil.cpu_times()
+        idle = times.idle + getattr(times, "iowait", 0.0)
+        total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+        (last_idle, last_total), self._cpu_times = self._cpu_times, (idle, total)
+        elapsed = total - last_total
+        if elapsed <= 0:
+            return 0.0
+        return max(0.0, min(100.0, 100.0 * (1.0 - (idle - last_idle) / elapsed)))
+
+    def start(self) -> None:
+        self._cpu_percent()  # the first reading of CPU use is since this call
         self._last = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="sweeper-system-metrics",
                                         daemon=True)
@@ -107,7 +121,9 @@ class SystemSampler:
     def _take(self) -> None:
         with self._lock:
             try:
-                reading = {PREFIX + k: v for k, v in sample(self.device).items()}
+                values = {"cpu_utilization_percentage": self._cpu_percent(),
+                          **sample(self.device)}
+                reading = {PREFIX + k: v for k, v in values.items()}
                 self.send(reading, self._step, int(time.time() * 1000))
             except Exception as exc:  # a reading is never worth a trial
                 log.debug("system metrics sample failed: %s", exc)
