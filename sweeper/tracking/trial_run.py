@@ -344,8 +344,8 @@ class TrialRun:
         pickled: loading rebuilds the network from the config, so whoever can write to
         the artifact store cannot make a reader run code. The weights are copied to the
         CPU first, so a model trained on a GPU loads anywhere (and the GPU copy can be
-        freed while the upload runs). The input example is raw images on the 0-1 scale,
-        as the pyfunc takes them.
+        freed while the upload runs). The input example is raw images, pixel values
+        0-255, as the pyfunc takes them.
         """
         import torch
 
@@ -360,7 +360,9 @@ class TrialRun:
         shape = (1, -1, 1, 1)
         raw = example * torch.tensor(data.std).reshape(shape) + \
             torch.tensor(data.mean).reshape(shape)
-        example_np = raw.clamp(0, 1).contiguous().numpy()
+        # As 0-255 integers: the input example is stored twice as JSON text, where a
+        # float per pixel would cost ~60 KB an image.
+        example_np = (raw.clamp(0, 1) * 255).round().to(torch.uint8).contiguous().numpy()
         logged = tracker.client.create_logged_model(
             tracker.experiment_id, name=model_name(spec.name, self.number),
             source_run_id=self.run_id,
