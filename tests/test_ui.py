@@ -54,13 +54,14 @@ def _sweeper() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "sweeper.cli"]
 
 
-def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
+def _chromium(*args: str, profile: Path, window: str = "1400,900"
+              ) -> subprocess.CompletedProcess[str]:
     assert CHROMIUM is not None
     return subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
          "--disable-dev-shm-usage", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-         "--virtual-time-budget=20000", "--window-size=1400,900", *args],
+         "--virtual-time-budget=20000", f"--window-size={window}", *args],
         capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -234,8 +235,9 @@ def test_trial_run_page_charts_validation_accuracy_first_and_links_the_registry(
             assert time.monotonic() < deadline, f"sweeper ui not ready:\n{log.read_text()}"
             time.sleep(0.25)
         run_page = run_url(url, experiment.experiment_id, version.run_id)
+        # A tall window: MLflow renders only the charts in view (three per row).
         charts = _chromium("--dump-dom", f"{run_page}/model-metrics",
-                           profile=tmp_path / "profile-charts")
+                           profile=tmp_path / "profile-charts", window="1400,1400")
         assert charts.returncode == 0, charts.stderr[-2000:]
         assert len(metrics) == 12, sorted(metrics)
         titles = [t for t in chart_titles(charts.stdout) if t in metrics]
