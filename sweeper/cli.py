@@ -612,10 +612,10 @@ def ensemble(
 
 def _objectives(study: str, storage: str | None) -> list[str]:
     from sweeper import results
+    from sweeper.study import study_spec
 
     loaded = results.load_study(study, storage)
-    return results.objective_names(loaded.user_attrs.get("sweeper.spec") or {},
-                                   len(loaded.directions))
+    return results.objective_names(study_spec(loaded), len(loaded.directions))
 
 
 def _print_text(text: str) -> None:

@@ -295,7 +295,10 @@ class TrialConfig(_Section):
 
     def flat(self) -> dict[str, Any]:
         """`{"train.lr": 0.001, "model.filter_size": 3, ...}`, only the keys that matter."""
-        out: dict[str, Any] = dict(_flatten(self.dataset.model_dump(), "dataset"))
+        dataset = self.dataset.model_dump()
+        if self.dataset.name != "synthetic":  # only the synthetic dataset reads them
+            dataset.pop("synthetic")
+        out: dict[str, Any] = dict(_flatten(dataset, "dataset"))
         train = self.train.model_dump()
         read = OPTIMIZER_KEYS[self.train.optimizer]
         for key, value in train.items():

@@ -42,14 +42,37 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Optuna user attributes a trial carries (the read side relies on these names).
+# Optuna user attributes a trial carries (the read side relies on these names). They stay
+# small: optuna-dashboard and the `optuna` CLI show every user attribute.
 ATTR_REASON = "fail_reason"
-ATTR_METRICS = "metrics"
-ATTR_CONFIG = "config"
 ATTR_RUN_ID = "mlflow_run_id"
 ATTR_MODEL_ID = "mlflow_model_id"  # set only when the trial's model was logged
-# Study user attributes.
+# Sweeper's records, as Optuna *system* attributes: a trial's resolved config and summary
+# metrics, the study's spec. Whole JSON objects that Optuna's tools need not show (the
+# dashboard would draw each on one line); the MLflow runs show them as params, metrics
+# and the study file. Studies written before kept them as user attributes of these names:
+ATTR_METRICS = "sweeper.metrics"
+ATTR_CONFIG = "sweeper.config"
 ATTR_SPEC = "sweeper.spec"
+_OLD_USER_ATTRS = {ATTR_METRICS: "metrics", ATTR_CONFIG: "config", ATTR_SPEC: "sweeper.spec"}
+
+
+def trial_record(trial: optuna.trial.FrozenTrial, key: str) -> dict[str, Any]:
+    """A trial's `ATTR_CONFIG` or `ATTR_METRICS` (empty when it has none)."""
+    value = trial.system_attrs.get(key) or trial.user_attrs.get(_OLD_USER_ATTRS[key])
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def study_spec(study: Any) -> dict[str, Any]:
+    """The spec a study was created with (an `optuna.Study` or a `FrozenStudy`), as JSON;
+    empty for a study sweeper did not create."""
+    if hasattr(study, "system_attrs"):  # FrozenStudy
+        system, user = study.system_attrs, study.user_attrs
+    else:
+        system = study._storage.get_study_system_attrs(study._study_id)
+        user = study._storage.get_study_user_attrs(study._study_id)
+    value = system.get(ATTR_SPEC) or user.get(_OLD_USER_ATTRS[ATTR_SPEC])
+    return dict(value) if isinstance(value, dict) else {}
 
 FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 LINGER_POLL_S = 2.0  # how often a worker at the budget looks at the trials still running
@@ -167,7 +190,8 @@ def _open_or_create(spec: StudySpec, storage: optuna.storages.BaseStorage, stora
                                             sampler=sampler, pruner=pruner,
                                             directions=spec.directions)
                 created = True
-                study.set_user_attr(ATTR_SPEC, spec.model_dump(mode="json"))
+                study._storage.set_study_system_attr(study._study_id, ATTR_SPEC,
+                                                     spec.model_dump(mode="json"))
             except optuna.exceptions.DuplicatedStudyError:  # another worker was first
                 study = None
         if study is None:
@@ -481,7 +505,7 @@ class Worker:
             config = space.suggest(trial, self.spec)
             outcome.params = dict(trial.params)
             samplers.check_grid_point(study, trial)
-            trial.set_user_attr(ATTR_CONFIG, config.flat())
+            study._storage.set_trial_system_attr(trial._trial_id, ATTR_CONFIG, config.flat())
             with self._trial_run(trial, config) as run, stopping.interruptible():
                 values, metrics = self.objective(self, trial, config, run)
                 outcome.values, outcome.metrics = values, metrics
@@ -538,6 +562,8 @@ class Worker:
         from sweeper.train import fit, seed_everything
 
         data = self.dataset(config.dataset)
+        if run is not None and hasattr(run, "log_data"):
+            run.log_data(data)  # the dataset as the run's input
         seed_everything(config.train.seed)  # the same seed gives the same initial weights
         model = build_model(config.model, data.input_shape, data.num_classes,
                             data_dir=self.options.data_dir)
@@ -603,7 +629,7 @@ class Worker:
             raise TrialFailure(f"objective is not finite: {values}")
         summary = {k: v for k, v in metrics.items() if _is_summary_metric(k)}
         with stopping.deferred():
-            trial.set_user_attr(ATTR_METRICS, summary)
+            trial.study._storage.set_trial_system_attr(trial._trial_id, ATTR_METRICS, summary)
             if run is not None:
                 run.log_result(model=model, data=data, history=result.history,
                                evaluations={"val": val, "test": test}, metrics=metrics,

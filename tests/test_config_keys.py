@@ -298,7 +298,10 @@ def test_flat_logs_only_the_keys_read_and_rebuilds_the_same_config() -> None:
     flat = trial.flat()
     assert flat["model.filter_size"] == 5 and "model.channels" not in flat
     assert flat["train.momentum"] == 0.0 and "train.betas" not in flat
+    assert not [k for k in flat if k.startswith("dataset.synthetic.")]  # mnist reads none
     assert config.TrialConfig.from_flat(flat) == trial
+    synthetic = config.loads("name: s\ndataset: {name: synthetic}\n").resolve({}).flat()
+    assert synthetic["dataset.synthetic.classes"] == 4
 
 
 def test_a_space_arch_choice_takes_each_archs_own_defaults() -> None:

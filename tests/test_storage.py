@@ -18,7 +18,7 @@ from sweeper.storage import (
     resolve_storage_url,
     sqlalchemy_url,
 )
-from sweeper.study import RunOptions, run_study
+from sweeper.study import RunOptions, run_study, study_spec
 
 
 def test_url_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,7 +77,7 @@ space:
     report = run_study(spec, RunOptions(storage=postgres_url, device="cpu"))
     assert [o.state for o in report.outcomes] == ["COMPLETE", "COMPLETE"]
     study = optuna.load_study(study_name="pg", storage=sqlalchemy_url(postgres_url))
-    assert len(study.trials) == 2 and study.user_attrs["sweeper.spec"]["name"] == "pg"
+    assert len(study.trials) == 2 and study_spec(study)["name"] == "pg"
     resumed = run_study(spec, RunOptions(storage=postgres_url, device="cpu", more_trials=1))
     assert len(resumed.outcomes) == 1
     assert len(optuna.load_study(study_name="pg", storage=sqlalchemy_url(postgres_url)).trials) == 3

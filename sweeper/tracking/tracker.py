@@ -93,6 +93,7 @@ PARENT_RECENT_S = 120.0
 # How many finished trials may still have uploads queued when the next one starts.
 MAX_TRIALS_BEHIND = 1
 REPROBE_S = 10.0  # while the store is away, how often it is asked again
+PRIMARY_METRIC_TAG = "mlflow.experiment.primaryMetric.name"
 
 
 # --------------------------------------------------------------------------------------
@@ -281,6 +282,9 @@ class MlflowTracker:
             try:
                 self._prepare_local(artifacts=True)
                 self.experiment_id, founder = self._experiment(spec.name)
+                # MLflow's UI charts this metric first (parallel coordinates, runs table).
+                self.client.set_experiment_tag(self.experiment_id, PRIMARY_METRIC_TAG,
+                                               spec.objective_list[0].metric)
                 parent = self._parent_run(study, self.experiment_id, spec.name, founder)
                 self.parent_run_id = parent.info.run_id
                 study.set_user_attr(ATTR_PARENT_RUN, self.parent_run_id)
@@ -469,6 +473,7 @@ class MlflowTracker:
             raise
         finally:
             run.in_context = False
+            run.stop_system_metrics()  # training is over, whatever ended it
 
     def trial_ended(self, study: optuna.Study, outcome: TrialOutcome) -> None:
         """Give the trial's run its final status and bring the parent's `best` up to date."""
@@ -651,7 +656,8 @@ class MlflowTracker:
                                if t.user_attrs.get(ATTR_REASON)},
                       parent_run_id=None, study_running=True)
             fill_in_runs(self.client, self.experiment_id, self.spec.name,
-                         self.parent_run_id, trials)
+                         self.parent_run_id, trials,
+                         objectives=[o.metric for o in self.spec.objective_list])
         except Exception as exc:
             log.warning("MLflow (%s): could not fill in what tracking missed: %s",
                         self.where, one_line(exc))
