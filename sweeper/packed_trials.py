@@ -166,7 +166,7 @@ def _configure(worker: Worker, study: optuna.Study, trial: optuna.Trial) -> Tria
     trial.set_user_attr(ATTR_WORKER, worker.options.worker)
     config = space.suggest(trial, worker.spec)
     samplers.check_grid_point(study, trial)
-    trial.set_user_attr(ATTR_CONFIG, config.flat())
+    study._storage.set_trial_system_attr(trial._trial_id, ATTR_CONFIG, config.flat())
     return config
 
 
@@ -229,6 +229,8 @@ def _train(worker: Worker, study: optuna.Study, slots: list[_Slot]) -> list[Tria
             slot.outcome.params = dict(slot.trial.params)
             slot.run_context = worker._trial_run(slot.trial, slot.config)
             slot.run = slot.run_context.__enter__()
+            if slot.run is not None and hasattr(slot.run, "log_data"):
+                slot.run.log_data(data)  # the dataset as the run's input, as alone
             hooks.append(worker.epoch_hook(slot.trial, slot.config, slot.run))
             seed_everything(slot.config.train.seed)  # its initial weights, as alone
             slot.model = build_model(slot.config.model, data.input_shape, data.num_classes,
