@@ -18,7 +18,7 @@ from sweeper.evaluate import evaluate
 from sweeper.models import build_model
 from sweeper.packed_trials import ATTR_PACK, member_params
 from sweeper.results import get_trial, load_model
-from sweeper.study import RunOptions, run_study
+from sweeper.study import ATTR_CONFIG, ATTR_METRICS, RunOptions, run_study, trial_record
 from sweeper.tracking import MlflowTracker
 from sweeper.train import fit, seed_everything
 
@@ -69,15 +69,15 @@ def test_a_packed_study_keeps_each_trial_a_trial(tmp_path: Path) -> None:
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert [m.step for m in history] == [1, 2]
         assert run.data.metrics["test_accuracy"] == pytest.approx(
-            trial.user_attrs["metrics"]["test_accuracy"])
+            trial_record(trial, ATTR_METRICS)["test_accuracy"])
         # Its own model, a normal single one, loaded as any trial's is.
         model = load_model(get_trial(study, trial.number, tracking_uri=tracking),
                            tracking_uri=tracking)
         result = evaluate(model, data.test, classes=data.classes)
         assert result.metrics["accuracy"] == pytest.approx(
-            trial.user_attrs["metrics"]["test_accuracy"])
+            trial_record(trial, ATTR_METRICS)["test_accuracy"])
         # The same trial trained alone gives the same numbers.
-        trial_config = config.TrialConfig.from_flat(trial.user_attrs["config"])
+        trial_config = config.TrialConfig.from_flat(trial_record(trial, ATTR_CONFIG))
         seed_everything(trial_config.train.seed)
         alone = build_model(trial_config.model, data.input_shape, data.num_classes)
         lone = fit(alone, data, trial_config.train, epochs=2, device=data.train.x.device)
