@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     activation, pooling = STYLES[args.style]
@@ -38,8 +40,10 @@ def main() -> None:
     seed_everything(args.seed)
     model = build_model(ModelConfig(arch="lenet", activation=activation, pooling=pooling),
                         data.input_shape, data.num_classes)
-    cfg = TrainConfig(optimizer="adam", lr=1e-3, batch_size=128, seed=args.seed)
-    print(f"lenet {args.style}: {count_parameters(model)} params, {args.threads} thread(s)",
+    cfg = TrainConfig(optimizer="adam", lr=args.lr, batch_size=args.batch_size,
+                      seed=args.seed)
+    print(f"lenet {args.style}: {count_parameters(model)} params, batch {args.batch_size}, "
+          f"lr {args.lr}, seed {args.seed}, {args.threads} thread(s)",
           flush=True)
 
     def report(epoch: int, metrics: dict[str, float]) -> bool:

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from sweeper import __version__
 from sweeper.errors import ConfigError, SweeperError
-from sweeper.keys import ATTR_EXPERIMENT, ATTR_PARENT_RUN, ATTR_SPEC
+from sweeper.keys import ATTR_EXPERIMENT, ATTR_PARENT_RUN
 
 if TYPE_CHECKING:
     import optuna
@@ -153,6 +153,10 @@ def run(
         "--jobs", "-j", min=1, envvar="SWEEPER_JOBS",
         help="Worker processes on this machine (one GPU each when there are several; on "
              "the CPU the cores are shared out).")] = 1,
+    pack: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--pack", min=1, max=64, show_default=False,
+        help="Train up to K trials of one shape together as one stacked network (trial "
+             "packing); overrides the study file's `pack`.")] = None,
     storage: StorageOpt = None,
     device: DeviceOpt = None,
     data_dir: DataDirOpt = None,
@@ -175,6 +179,8 @@ def run(
 
     with user_errors(debug):
         spec = config.load(file)
+        if pack is not None:
+            spec = config.with_pack(spec, pack)
         _quiet_libraries(debug)
         seconds = _duration(timeout, "--timeout")
         beat = _duration(heartbeat, "--heartbeat")
@@ -610,11 +616,11 @@ def ensemble(
 
 
 def _objectives(study: str, storage: str | None) -> list[str]:
+    from sweeper.keys import study_spec
     from sweeper.results import read as results
 
     loaded = results.load_study(study, storage)
-    return results.objective_names(loaded.user_attrs.get(ATTR_SPEC) or {},
-                                   len(loaded.directions))
+    return results.objective_names(study_spec(loaded), len(loaded.directions))
 
 
 def _print_text(text: str) -> None:

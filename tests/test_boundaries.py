@@ -37,20 +37,21 @@ FOLDERS: dict[str, tuple[tuple[str, ...], set[str]]] = {
              HEAVY | inner("ml", "search", "fleet", "tracking", "results", "render", "cli")),
     # The machine learning: no optuna, no mlflow; it knows nothing of what drives it.
     "ml": (("__init__", "data", "device", "models", "transfer", "train", "metrics",
-            "modelfile"),
+            "modelfile", "packing"),
            {"optuna", "mlflow", "plotly", "sqlalchemy"}
            | inner("search", "fleet", "tracking", "results", "render", "cli", "serving")),
     # Optuna and the worker loop: no MLflow calls (the tracker is handed in), no output.
     "search": (("__init__", "storage", "sqlite", "retrying", "samplers", "queries",
-                "endings", "stopping_rules", "study"),
+                "endings", "stopping_rules", "study", "packed_trials"),
                {"mlflow", "plotly"} | inner("tracking", "results", "render", "cli")),
     # Many workers: no training, no MLflow internals.
     "fleet": (("__init__", "heartbeat", "jobs", "reap", "stopping"),
               {"mlflow", "plotly"}
               | inner("ml.train", "ml.models", "ml.metrics", "render", "cli")),
     # The only code that imports mlflow; no training details.
-    "tracking": (("__init__", "best", "common", "ensemble_run", "guard", "model_files", "probe",
-                  "reader", "repair", "server", "tracker", "trial_run"),
+    "tracking": (("__init__", "best", "common", "context", "ensemble_run", "guard",
+                  "model_files", "priority", "probe", "reader", "repair", "server",
+                  "system_metrics", "tracker", "trial_run"),
                  inner("ml.train", "ml.data", "ml.models", "ml.metrics", "fleet.jobs",
                        "results", "cli")),
     # The read side: MLflow only through `tracking.reader`, never the worker loop.

@@ -85,5 +85,6 @@ def reap(study_name: str, *, storage: str | None = None, tracking_uri: str | Non
         parent_run_id=study.user_attrs.get(ATTR_PARENT_RUN), study_running=bool(running))
     # What MLflow missed while it was away, or while a killed worker's uploads waited.
     report.runs += fill_in_runs(client, experiment_id, study.study_name,
-                                study.user_attrs.get(ATTR_PARENT_RUN), trials)
+                                study.user_attrs.get(ATTR_PARENT_RUN), trials,
+                                objectives=study.metric_names or ())
     return report

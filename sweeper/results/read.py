@@ -32,7 +32,8 @@ from sweeper.keys import (
     ATTR_PARENT_RUN,
     ATTR_REASON,
     ATTR_RUN_ID,
-    ATTR_SPEC,
+    study_spec,
+    trial_record,
 )
 from sweeper.search.queries import StudyQueries
 from sweeper.search.storage import open_storage, rdb_of, redact
@@ -168,7 +169,7 @@ def studies(storage: str | None = None) -> list[StudySummary]:
         queries = StudyQueries(rdb, frozen._study_id)
         counts = queries.counts()
         directions = [d.name.lower() for d in frozen.directions]
-        objectives = objective_names(frozen.user_attrs.get(ATTR_SPEC) or {}, len(directions))
+        objectives = objective_names(study_spec(frozen), len(directions))
         best_number = best_values = pareto = None
         if counts.get("COMPLETE") and len(directions) == 1:
             (best,) = queries.trials(queries.trial_ids(
@@ -201,7 +202,7 @@ class _Results:
         attrs = self.study.user_attrs
         self.experiment_id: str | None = attrs.get(ATTR_EXPERIMENT)
         self.parent_run_id: str | None = attrs.get(ATTR_PARENT_RUN)
-        self.spec: dict[str, Any] = attrs.get(ATTR_SPEC) or {}
+        self.spec: dict[str, Any] = study_spec(self.study)
         self.directions = [d.name.lower() for d in self.study.directions]
         self._reader: TrackingReader | None = None
         self._space = _stored_spec(self.spec)
@@ -230,8 +231,9 @@ class _Results:
         return TrialResult(
             study=self.name, number=trial.number, state=trial.state.name,
             values=list(trial.values) if trial.values else None,
-            params=self.params(trial.params), metrics=dict(attrs.get(ATTR_METRICS) or {}),
-            config=dict(attrs.get(ATTR_CONFIG) or {}), run_id=run_id,
+            params=self.params(trial.params),
+            metrics=trial_record(trial, ATTR_METRICS),
+            config=trial_record(trial, ATTR_CONFIG), run_id=run_id,
             run_url=self._run_url(run_id), model_uri=f"models:/{model_id}" if model_id
             else None,
             duration_s=trial.duration.total_seconds() if trial.duration else None,
@@ -439,7 +441,7 @@ def _sorted(results: _Results, trials: list[optuna.trial.FrozenTrial], sort: str
         def order(t: optuna.trial.FrozenTrial) -> tuple[float, int]:
             return (t.duration.total_seconds() if t.duration else missing, t.number)
     else:
-        metrics = {k for t in trials for k in (t.user_attrs.get(ATTR_METRICS) or {})}
+        metrics = {k for t in trials for k in trial_record(t, ATTR_METRICS)}
         params = {k for t in trials for k in t.params}
         if key not in metrics | params:
             choices = ["number", "value", "duration", *sorted(metrics), *sorted(params)]
@@ -451,7 +453,7 @@ def _sorted(results: _Results, trials: list[optuna.trial.FrozenTrial], sort: str
         descending = key in metrics and not key.endswith(("loss", "seconds", "n_params"))
 
         def order(t: optuna.trial.FrozenTrial) -> tuple[float, int]:
-            value = (t.user_attrs.get(ATTR_METRICS) or {}).get(key, t.params.get(key))
+            value = trial_record(t, ATTR_METRICS).get(key, t.params.get(key))
             if not isinstance(value, int | float) or isinstance(value, bool):
                 return (missing, t.number)
             return (-float(value) if descending else float(value), t.number)

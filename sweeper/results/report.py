@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper.errors import SweeperError
-from sweeper.keys import ATTR_CONFIG, ATTR_SPEC
+from sweeper.keys import ATTR_CONFIG, study_spec, trial_record
 from sweeper.render import plots
 from sweeper.render.formats import fmt_value
 from sweeper.results.read import TrialResult, best_trials, load_study, objective_names
@@ -46,7 +46,7 @@ def build_report(study: str, output: str | Path, *, storage: str | None = None,
     """Write the report of `study` to `output` (an .html file) and say what it holds."""
     optuna_study = load_study(study, storage)
     best = best_trials(optuna_study, top=1, tracking_uri=tracking_uri)[0]
-    names = objective_names(optuna_study.user_attrs.get(ATTR_SPEC) or {},
+    names = objective_names(study_spec(optuna_study),
                             len(optuna_study.directions))
     notes: list[str] = []
     figures: dict[str, go.Figure] = {}
@@ -102,7 +102,7 @@ def _arch_rows(study: optuna.Study) -> list[tuple[str, str, float | None]]:
     for trial in study.get_trials(deepcopy=False):
         if not trial.state.is_finished():
             continue
-        arch = (trial.user_attrs.get(ATTR_CONFIG) or {}).get("model.arch", "?")
+        arch = trial_record(trial, ATTR_CONFIG).get("model.arch", "?")
         value = trial.values[0] if trial.values else None
         rows.append((str(arch), trial.state.name, value))
     return rows

@@ -51,8 +51,10 @@ if TYPE_CHECKING:
     import torch
 
     from sweeper.ml.data import Dataset
+    from sweeper.ml.train import FitResult
 
 log = logging.getLogger(__name__)
+
 
 FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 
@@ -175,7 +177,8 @@ def _open_or_create(spec: StudySpec, storage: optuna.storages.BaseStorage, stora
                                             sampler=sampler, pruner=pruner,
                                             directions=spec.directions)
                 created = True
-                study.set_user_attr(ATTR_SPEC, spec.model_dump(mode="json"))
+                study._storage.set_study_system_attr(study._study_id, ATTR_SPEC,
+                                                     spec.model_dump(mode="json"))
             except optuna.exceptions.DuplicatedStudyError:  # another worker was first
                 study = None
         if study is None:
@@ -308,22 +311,28 @@ class Worker:
                     if reason == "budget" and not outcomes:
                         stopped_by = "nothing-to-do"
                     break
-                outcome = self.run_trial(study)
+                ended = self.run_trials(study, queries, len(outcomes), target)
                 self.stop.trial_ran()
-                outcomes.append(outcome)
-                self.progress("trial", {"outcome": outcome, "study": study})
+                for outcome in ended:
+                    outcomes.append(outcome)
+                    self.progress("trial", {"outcome": outcome, "study": study})
                 stopping.checkpoint("between-trials")
-                full = self._disk_full(outcome)
-                if full is not None:
-                    stopped_by, message = "disk-full", full
-                    break
-                failing = failing + 1 if outcome.cause == "environment" else 0
-                if failing >= options.max_worker_failures:
-                    stopped_by = "failing"
-                    message = (f"worker {options.worker} stopped: its last {failing} trials "
-                               f"failed for reasons outside their params (last: "
-                               f"{outcome.reason}); fix this machine and run again")
-                    log.error("%s", message)
+                halt = None
+                for outcome in ended:
+                    full = self._disk_full(outcome)
+                    if full is not None:
+                        halt = ("disk-full", full)
+                        break
+                    failing = failing + 1 if outcome.cause == "environment" else 0
+                    if failing >= options.max_worker_failures:
+                        halt = ("failing", (
+                            f"worker {options.worker} stopped: its last {failing} trials "
+                            f"failed for reasons outside their params (last: "
+                            f"{outcome.reason}); fix this machine and run again"))
+                        log.error("%s", halt[1])
+                        break
+                if halt is not None:
+                    stopped_by, message = halt
                     break
         except KeyboardInterrupt as stop:
             stopped_by = "interrupted"
@@ -377,6 +386,22 @@ class Worker:
         except Exception as exc:  # the storage's trouble shows in the trial that follows
             log.warning("could not check for lost trials: %s", one_line(str(exc)))
 
+    def run_trials(self, study: optuna.Study, queries: StudyQueries, ran: int,
+                   target: int | None) -> list[TrialOutcome]:
+        """The next trial, or with `pack` > 1 the next pack of trials that train together
+        (`packed_trials`): as many as the budget and `--trials` leave room for."""
+        room = self.spec.pack if self.objective is Worker.train else 1
+        if room > 1 and self.options.more_trials is not None:
+            room = min(room, self.options.more_trials - ran)
+        if room > 1 and target is not None:
+            counts = queries.counts()
+            room = min(room, target - queries.budget_count(counts) - counts.get("RUNNING", 0))
+        if room > 1:
+            from sweeper.search.packed_trials import run_pack
+
+            return run_pack(self, study, room)
+        return [self.run_trial(study)]
+
     def run_trial(self, study: optuna.Study) -> TrialOutcome:
         """One trial: ask, suggest, fit and evaluate (the objective), tell, with the trial's
         heartbeat going all the while. Returns how the trial ended; raises only
@@ -393,34 +418,39 @@ class Worker:
         with contextlib.suppress(StorageError):  # readers fall back to their own settings
             rdb_of(study).set_trial_system_attr(trial._trial_id, ATTR_HEARTBEAT,
                                                 settings.as_attr())
-        outcome = TrialOutcome(trial.number, Outcome.FAIL)
         with heartbeat.beating(rdb_of(study), trial._trial_id, settings):
-            started = time.monotonic()
-            try:
-                config = self._suggest(study, trial, outcome)
-                with self._trial_run(trial, config) as run, stopping.interruptible():
-                    values, metrics = self.objective(self, trial, config, run)  # fit, evaluate
-                    outcome.values, outcome.metrics = values, metrics
-                    outcome.ended(COMPLETED)
-            except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (see `stopping`)
-                # A stop that lands as a completed trial's run closes keeps its result.
-                outcome.ended(dataclasses.replace(ending_of(stop), state=outcome.state))
-                outcome.seconds = time.monotonic() - started
-                with stopping.deferred():
-                    self._tell(study, trial, outcome)
-                stop.recorded = (  # type: ignore[attr-defined]
-                    f"the running trial was recorded as {outcome.state} (#{trial.number})")
-                raise
-            except Exception as exc:  # any error fails this trial, never the study
-                outcome.ended(ending_of(exc, device=self.device))
-                if outcome.detail:
-                    log.debug("trial %d failed:\n%s", trial.number, outcome.detail)
-            finally:
-                # After the except blocks: the exception and its frames (the model, the
-                # batch) are gone, so their memory can actually be returned.
-                _free_device_memory(self.device)
+            return self.attempt(study, trial)
+
+    def attempt(self, study: optuna.Study, trial: optuna.Trial) -> TrialOutcome:
+        """An asked trial, its heartbeat going: suggest, fit and evaluate (the objective),
+        tell. A pack's member left on its own trains through this too."""
+        outcome = TrialOutcome(trial.number, Outcome.FAIL)
+        started = time.monotonic()
+        try:
+            config = self._suggest(study, trial, outcome)
+            with self._trial_run(trial, config) as run, stopping.interruptible():
+                values, metrics = self.objective(self, trial, config, run)  # fit, evaluate
+                outcome.values, outcome.metrics = values, metrics
+                outcome.ended(COMPLETED)
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (see `stopping`)
+            # A stop that lands as a completed trial's run closes keeps its result.
+            outcome.ended(dataclasses.replace(ending_of(stop), state=outcome.state))
             outcome.seconds = time.monotonic() - started
-            self._tell(study, trial, outcome)
+            with stopping.deferred():
+                self._tell(study, trial, outcome)
+            stop.recorded = (  # type: ignore[attr-defined]
+                f"the running trial was recorded as {outcome.state} (#{trial.number})")
+            raise
+        except Exception as exc:  # any error fails this trial, never the study
+            outcome.ended(ending_of(exc, device=self.device))
+            if outcome.detail:
+                log.debug("trial %d failed:\n%s", trial.number, outcome.detail)
+        finally:
+            # After the except blocks: the exception and its frames (the model, the
+            # batch) are gone, so their memory can actually be returned.
+            _free_device_memory(self.device)
+        outcome.seconds = time.monotonic() - started
+        self._tell(study, trial, outcome)
         return outcome
 
     def _ask(self, study: optuna.Study) -> optuna.Trial:
@@ -437,7 +467,7 @@ class Worker:
         config = space.suggest(trial, self.spec)
         outcome.params = dict(trial.params)
         samplers.check_grid_point(study, trial)
-        trial.set_user_attr(ATTR_CONFIG, config.flat())
+        study._storage.set_trial_system_attr(trial._trial_id, ATTR_CONFIG, config.flat())
         return config
 
     @contextlib.contextmanager
@@ -453,17 +483,32 @@ class Worker:
         """The default objective: build, fit (reporting each epoch), evaluate, log."""
         import optuna
 
-        from sweeper.ml.metrics import evaluate, evaluate_logits, prefixed
-        from sweeper.ml.models import build_model, count_parameters
+        from sweeper.ml.models import build_model
         from sweeper.ml.train import fit, seed_everything
 
         data = self.dataset(config.dataset)
+        if run is not None and hasattr(run, "log_data"):
+            run.log_data(data)  # the dataset as the run's input
         seed_everything(config.train.seed)  # the same seed gives the same initial weights
         model = build_model(config.model, data.input_shape, data.num_classes,
                             data_dir=self.options.data_dir)
-        objectives = self.spec.objective_list
+        result = fit(model, data, config.train, epochs=config.epochs, device=self.device,
+                     augment=config.dataset.augment,
+                     on_epoch=self.epoch_hook(trial, config, run))
+        if result.stopped_early:
+            raise optuna.TrialPruned(self.pruned_reason(result.history))
+        return self.complete(trial, config, run, model, data, result)
+
+    def pruned_reason(self, history: list[dict[str, float]]) -> str:
+        watched = self.spec.objective_list[0].metric
+        last = history[-1]
+        return f"pruned at epoch {int(last['epoch'])} ({watched}={last[watched]:.4g})"
+
+    def epoch_hook(self, trial: optuna.Trial, config: TrialConfig, run: Any
+                   ) -> Callable[[int, dict[str, float]], bool]:
+        """What runs after each epoch of a trial: log, report to the pruner, stop?"""
         pruning = self.spec.pruner.name != "none"
-        watched = objectives[0].metric
+        watched = self.spec.objective_list[0].metric
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
             stopping.raise_if_stopped()
@@ -480,12 +525,16 @@ class Worker:
             trial.report(metrics[watched], epoch)
             return trial.should_prune()
 
-        result = fit(model, data, config.train, epochs=config.epochs, device=self.device,
-                     augment=config.dataset.augment, on_epoch=on_epoch)
-        if result.stopped_early:
-            last = result.history[-1]
-            raise optuna.TrialPruned(f"pruned at epoch {int(last['epoch'])} "
-                                     f"({watched}={last[watched]:.4g})")
+        return on_epoch
+
+    def complete(self, trial: optuna.Trial, config: TrialConfig, run: Any, model: Any,
+                 data: Dataset, result: FitResult) -> tuple[list[float], dict[str, float]]:
+        """A trial trained to its last epoch: evaluate, record, return its objective
+        values and summary metrics."""
+        from sweeper.ml.metrics import evaluate, evaluate_logits, prefixed
+        from sweeper.ml.models import count_parameters
+
+        objectives = self.spec.objective_list
         # Validation: the last epoch's pass already holds its logits. Test: once, here,
         # for a completed trial only.
         assert result.val_logits is not None
@@ -505,7 +554,7 @@ class Worker:
             raise TrialFailure(f"objective is not finite: {values}")
         summary = {k: v for k, v in metrics.items() if _is_summary_metric(k)}
         with stopping.deferred():
-            trial.set_user_attr(ATTR_METRICS, summary)
+            trial.study._storage.set_trial_system_attr(trial._trial_id, ATTR_METRICS, summary)
             if run is not None:
                 run.log_result(model=model, data=data, history=result.history,
                                evaluations={"val": val, "test": test}, metrics=metrics,

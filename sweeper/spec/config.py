@@ -71,6 +71,7 @@ MAX_YAML_DEPTH = 64
 MAX_CHOICE_OPTIONS = 1_000
 MAX_DESCRIPTION = 10_000  # characters; it is stored with the study
 MAX_SEED = 2**32 - 1  # what both numpy and torch accept
+MAX_PACK = 64  # trials trained together by one worker (`pack`)
 # Images in the training set of each named dataset (digits: 80% of 1,797 is for training).
 DATASET_TRAIN_SIZES: dict[str, int] = {
     "mnist": 60_000, "fashion_mnist": 60_000, "kmnist": 60_000, "cifar10": 50_000,
@@ -294,7 +295,10 @@ class TrialConfig(_Section):
 
     def flat(self) -> dict[str, Any]:
         """`{"train.lr": 0.001, "model.filter_size": 3, ...}`, only the keys that matter."""
-        out: dict[str, Any] = dict(_flatten(self.dataset.model_dump(), "dataset"))
+        dataset = self.dataset.model_dump()
+        if self.dataset.name != "synthetic":  # only the synthetic dataset reads them
+            dataset.pop("synthetic")
+        out: dict[str, Any] = dict(_flatten(dataset, "dataset"))
         train = self.train.model_dump()
         read = OPTIMIZER_KEYS[self.train.optimizer]
         for key, value in train.items():
@@ -508,6 +512,8 @@ class StudySpec(_Section):
     pruner: PrunerConfig = PrunerConfig()
     models: ModelsPolicy = Field("all", description="log the model of every completed "
                                  "trial, of the best one so far only, or none")
+    pack: int = Field(1, description="trials a worker trains together as one stacked "
+                      "network (trial packing); 1 trains each alone")
     space: dict[str, Any] = Field(default_factory=dict)
 
     # Parsed from `space` by `from_dict`; kept out of the pydantic schema on purpose.
@@ -521,6 +527,15 @@ class StudySpec(_Section):
             raise ValueError(f"a study name is 1-100 letters, digits, '.', '_' or '-', "
                              f"starting with a letter or digit, but got {_brief(name)}")
         return name
+
+    @field_validator("pack", mode="before")
+    @classmethod
+    def _pack_size(cls, pack: Any) -> int:
+        if isinstance(pack, bool) or not isinstance(pack, int) or not 1 <= pack <= MAX_PACK:
+            raise ValueError(f"pack is the number of trials trained together, a whole "
+                             f"number from 1 (each alone) to {MAX_PACK}, but got "
+                             f"{_brief(pack)}; write for example `pack: 4`")
+        return pack
 
     @model_validator(mode="after")
     def _one_way_to_say_objective(self) -> StudySpec:
@@ -871,9 +886,44 @@ def _check_combinations(spec: StudySpec, file: str, lines: _LineFinder) -> None:
                                   file=file, key=f"space.{dim.key}",
                                   line=lines.find(("space", dim.key)))
     _check_splits(spec, file, lines)
+    check_pack(spec, file, lines)
     if spec.sampler.name == "nsga2" and not spec.multi_objective:
         # NSGA-II works for one objective too, but it is almost never what is meant.
         pass
+
+
+def check_pack(spec: StudySpec, file: str | None = None, lines: _LineFinder | None = None
+               ) -> None:
+    """`pack` > 1 needs trials whose shape params can be fixed while the sampler picks the
+    rest: not the grid sampler (it picks every param), and not an arch that cannot be
+    packed (resnet18) when every trial would use it."""
+    if spec.pack <= 1:
+        return
+    file = file or spec.source or "<study>"
+    line = lines.find(("pack",)) if lines is not None else None
+    if spec.sampler.name == "grid":
+        raise ConfigError(f"pack {spec.pack} needs a sampler that lets shape params be fixed, "
+                          f"but the grid sampler picks every param itself; use `pack: 1` or "
+                          f"sampler tpe or random", file=file, key="pack", line=line)
+    archs = {spec.model.arch}
+    for dim in walk_space(spec.dimensions):
+        if dim.key == "model.arch" and isinstance(dim, ChoiceDim):
+            archs = set(dim.options)
+    if archs == {"resnet18"}:
+        raise ConfigError(f"pack {spec.pack}: arch resnet18 (torchvision's) cannot be "
+                          f"packed, every trial trains alone; use `pack: 1`", file=file,
+                          key="pack", line=line)
+
+
+def with_pack(spec: StudySpec, pack: int) -> StudySpec:
+    """The spec with `pack` set from the command line (`--pack K`), checked as in a file."""
+    try:
+        spec.pack = pack
+    except ValidationError as exc:
+        raise ConfigError(f"--pack: {_describe(exc.errors()[0])}", file=spec.source
+                          or "<study>", key="pack") from None
+    check_pack(spec)
+    return spec
 
 
 def _check_splits(spec: StudySpec, file: str, lines: _LineFinder) -> None:

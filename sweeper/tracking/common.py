@@ -106,6 +106,19 @@ def write_confusion_csv(path: Path, confusion: Any, classes: list[str]) -> None:
 
 
 PER_CLASS_METRICS = ("precision", "recall", "f1", "auc")
+# What a trial run shows as metrics: what people compare across runs. The other averages
+# (precision, recall, weighted F1) are rows of tables/per_class_<split>.csv.
+RUN_METRICS = ("accuracy", "loss", "f1_macro", "auc_macro", "auc_micro")
+RUN_SPLITS = ("val", "test")
+RUN_EXTRA_METRICS: tuple[str, ...] = ()  # train_seconds, n_params, epochs_run: a tag, a param
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+def is_run_metric(key: str, objectives: tuple[str, ...] | list[str] = ()) -> bool:
+    """Whether a final metric is one of a trial run's metrics (an objective always is)."""
+    split, _, name = key.partition("_")
+    return (key in objectives or key in RUN_EXTRA_METRICS
+            or (split in RUN_SPLITS and name in RUN_METRICS))
 
 
 def per_class_keys(evaluations: dict[str, Any], classes: list[str]) -> set[str]:
@@ -116,16 +129,22 @@ def per_class_keys(evaluations: dict[str, Any], classes: list[str]) -> set[str]:
 
 def write_per_class_csv(path: Path, evaluation: Any, classes: list[str]) -> None:
     """One row per class: its support (true images), precision, recall, F1 and one-vs-rest
-    AUC (empty where undefined) on one split."""
+    AUC (empty where undefined) on one split; then the macro and weighted averages."""
     import csv
 
     support = [int(v) for v in evaluation.confusion.sum(axis=1)]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "support", *PER_CLASS_METRICS])
-        for name, count in zip(classes, support, strict=True):
-            values = [evaluation.metrics.get(f"{metric}_{name}") for metric in
-                      PER_CLASS_METRICS]
+        rows = [(name, count, [evaluation.metrics.get(f"{metric}_{name}")
+                               for metric in PER_CLASS_METRICS])
+                for name, count in zip(classes, support, strict=True)]
+        # The averages over the classes, as in scikit-learn's classification report.
+        for average in ("macro", "weighted"):
+            rows.append((f"{average} avg", sum(support),
+                         [evaluation.metrics.get(f"{metric}_{average}")
+                          for metric in PER_CLASS_METRICS]))
+        for name, count, values in rows:
             writer.writerow([name, count, *("" if v is None else f"{v:.6g}" for v in values)])
 
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from sweeper.errors import is_disk_full
 from sweeper.tracking.common import one_line
+from sweeper.tracking.priority import lower_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,11 @@ class CallGuard:
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         """Run `fn` on the tracker's one background thread (calls keep their order)."""
         if self._executor is None:
+            # Lowest CPU priority: the uploads run while training leaves a core idle,
+            # instead of slowing every parallel op of the next trial (`priority`).
             self._executor = ThreadPoolExecutor(max_workers=1,
-                                                thread_name_prefix="sweeper-mlflow")
+                                                thread_name_prefix="sweeper-mlflow",
+                                                initializer=lower_this_thread)
         return self._executor.submit(fn, *args, **kwargs)
 
     def queue(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The per-epoch series a trial logs (`step` = epoch), as `fit` names them.
-HISTORY_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds",
-                "lr")
+# What a trial run logs per epoch (`lr` only under a schedule); older runs also logged
+# epoch_seconds.
+HISTORY_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 
 
 class TrackingReader:

@@ -24,8 +24,16 @@ from sweeper.keys import (
     TAG_STUDY,
     TAG_TRIAL,
     mlflow_status,
+    trial_record,
 )
-from sweeper.tracking.common import chunks, finite, metric_key, param_value, truncate
+from sweeper.tracking.common import (
+    chunks,
+    finite,
+    is_run_metric,
+    metric_key,
+    param_value,
+    truncate,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -105,11 +113,12 @@ def reap_runs(client: MlflowClient, experiment_id: str, *,
 
 
 def fill_in_runs(client: MlflowClient, experiment_id: str, study_name: str,
-                 parent_run_id: str | None, trials: Iterable[optuna.trial.FrozenTrial]
-                 ) -> list[EndedRun]:
+                 parent_run_id: str | None, trials: Iterable[optuna.trial.FrozenTrial],
+                 objectives: list[str] | tuple[str, ...] = ()) -> list[EndedRun]:
     """For each finished trial of `trials`: create its run from Optuna's record if it has
     none (params, summary metrics, state, reason), or log the summary metrics its run
-    lacks. Returns the runs created or completed."""
+    lacks (those a trial run shows: `common.is_run_metric`). Returns the runs created or
+    completed."""
     from mlflow.entities import Metric, Param, RunTag
 
 
@@ -125,7 +134,8 @@ def fill_in_runs(client: MlflowClient, experiment_id: str, study_name: str,
             by_number.setdefault(int(number), run)
     done: list[EndedRun] = []
     for trial in finished:
-        summary = trial.user_attrs.get(ATTR_METRICS) or {}
+        summary = {k: v for k, v in trial_record(trial, ATTR_METRICS).items()
+                   if is_run_metric(k, tuple(objectives))}
         when = int((trial.datetime_complete or trial.datetime_start).timestamp() * 1000) \
             if (trial.datetime_complete or trial.datetime_start) else 0
         run = by_number.get(trial.number)
@@ -144,7 +154,7 @@ def fill_in_runs(client: MlflowClient, experiment_id: str, study_name: str,
             created = client.create_run(experiment_id, run_name=f"trial-{trial.number}",
                                         tags=tags, start_time=start)
             run_id = created.info.run_id
-            config = trial.user_attrs.get(ATTR_CONFIG) or trial.params
+            config = trial_record(trial, ATTR_CONFIG) or trial.params
             params = [Param(k, param_value(v)) for k, v in config.items()]
             for chunk in chunks(params, 100):
                 client.log_batch(run_id, params=chunk)

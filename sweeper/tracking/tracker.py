@@ -53,6 +53,7 @@ from sweeper.keys import (
     ATTR_WORKER,
     TAG_CHANGED_SETTINGS,
     TAG_OBJECTIVES,
+    TAG_PRIMARY_METRIC,
     TAG_PRUNER,
     TAG_ROLE,
     TAG_SAMPLER,
@@ -205,6 +206,9 @@ class MlflowTracker(CallGuard):
             try:
                 self._prepare_local(artifacts=True)
                 self.experiment_id, founder = self._experiment(spec.name)
+                # MLflow's UI charts this metric first (parallel coordinates, runs table).
+                self.client.set_experiment_tag(self.experiment_id, TAG_PRIMARY_METRIC,
+                                               spec.objective_list[0].metric)
                 parent = self._parent_run(study, self.experiment_id, spec.name, founder)
                 self.parent_run_id = parent.info.run_id
                 study.set_user_attr(ATTR_PARENT_RUN, self.parent_run_id)
@@ -371,7 +375,9 @@ class MlflowTracker(CallGuard):
         Before a new run opens, runs more than `MAX_TRIALS_BEHIND` trials old are waited
         for, so uploads never pile up behind fast trials.
         """
-        self._close_unreported("sweeper did not report how this trial ended")
+        # Runs still open in their own context are trials packed with this one (see
+        # `packed_trials`): they are training, not unreported.
+        self._close_unreported("sweeper did not report how this trial ended", open_too=False)
         self.available()  # the store may be back
         with self.timed("trial.wait"):
             while len(self._behind) > MAX_TRIALS_BEHIND:
@@ -381,12 +387,16 @@ class MlflowTracker(CallGuard):
             run.open()
         self._runs[trial.number] = run
         self._behind.append(run)
+        run.in_context = True
         try:
             yield run
         except BaseException as exc:
             with self.timed("trial.end"):
                 run.abort(exc)
             raise
+        finally:
+            run.in_context = False
+            run.stop_system_metrics()  # training is over, whatever ended it
 
     def trial_ended(self, study: optuna.Study, outcome: TrialOutcome) -> None:
         """Give the trial's run its final status and bring the parent's `best` up to date."""
@@ -411,8 +421,11 @@ class MlflowTracker(CallGuard):
             self.call(f"end the run of lost trial {trial.number}", end_lost_run, self.client,
                       run_id, reason)
 
-    def _close_unreported(self, reason: str, status: str = "FAILED") -> None:
+    def _close_unreported(self, reason: str, status: str = "FAILED", *,
+                          open_too: bool = True) -> None:
         for number in list(self._runs):
+            if not open_too and self._runs[number].in_context:
+                continue
             run = self._runs.pop(number)
             run.close_unreported(reason, status)
 
@@ -483,7 +496,8 @@ class MlflowTracker(CallGuard):
                                if t.user_attrs.get(ATTR_REASON)},
                       parent_run_id=None, study_running=True)
             fill_in_runs(self.client, self.experiment_id, self.spec.name,
-                         self.parent_run_id, trials)
+                         self.parent_run_id, trials,
+                         objectives=[o.metric for o in self.spec.objective_list])
         except Exception as exc:
             log.warning("MLflow (%s): could not fill in what tracking missed: %s",
                         self.where, one_line(exc))

@@ -28,6 +28,8 @@ from sweeper.keys import (
     ATTR_MODEL_ID,
     ATTR_RUN_ID,
     TAG_DEVICE,
+    TAG_EPOCHS_RUN,
+    TAG_NOTE,
     TAG_PARENT,
     TAG_PRUNER,
     TAG_REASON,
@@ -36,16 +38,20 @@ from sweeper.keys import (
     TAG_STATE,
     TAG_STUDY,
     TAG_TORCH_VERSION,
+    TAG_TRAIN_SECONDS,
     TAG_TRIAL,
+    TAG_TRIAL_SECONDS,
     TAG_WORKER,
     mlflow_status,
 )
 from sweeper.redaction import redact_text
-from sweeper.tracking import model_files
+from sweeper.tracking import model_files, system_metrics
 from sweeper.tracking.common import (
+    EPOCH_METRICS,
     chunks,
     device_name,
     finite,
+    is_run_metric,
     metric_key,
     model_device,
     now_ms,
@@ -68,6 +74,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 EXAMPLE_IMAGES = 4  # real input images stored with each model (its input example)
+
+
+def model_name(study: str, number: int) -> str:
+    """The name of a trial's logged model in MLflow's Models views."""
+    return f"{study}-trial-{number}"
 
 
 @dataclass(frozen=True)
@@ -133,12 +144,17 @@ class TrialRun:
         self.broken = False
         self.ending = False  # its final status is queued
         self.ended_as: str | None = None  # the status this run was terminated with
+        self.in_context = False  # inside `MlflowTracker.trial_run`'s block: training
         self.error_logged = False
         self.model_id: str | None = None
         self._ops: list[Future[Any]] = []
         # Something of the run was not sent (a failure, or the store was away): the end
         # of the study fills it in from Optuna's record, or `sweeper reap` does.
         self.incomplete = False
+        self._sampler: system_metrics.SystemSampler | None = None
+        # Per-epoch curves: `lr` only when a schedule changes it (else it is a param).
+        self.epoch_metrics = EPOCH_METRICS + (("lr",) if config.train.scheduler != "none"
+                                              else ())
 
     # -- plumbing -----------------------------------------------------------------------
     @property
@@ -195,11 +211,15 @@ class TrialRun:
         import torch
         from mlflow.entities import Param
 
+        from sweeper.tracking.context import context_tags, describe_trial
+
         tracker = self.tracker
         if tracker.disabled or tracker.experiment_id is None or tracker.parent_run_id is None:
             return
         spec = tracker.spec
         tags = {
+            **context_tags(spec.source),
+            TAG_NOTE: describe_trial(spec, self.config, self.number, dict(self.trial.params)),
             TAG_PARENT: tracker.parent_run_id,
             TAG_STUDY: spec.name,
             TAG_TRIAL: str(self.number),
@@ -225,6 +245,36 @@ class TrialRun:
         params = [Param(k, param_value(v)) for k, v in self.config.flat().items()]
         for chunk in chunks(params, 100):
             self._batch("log params", params=chunk)
+        if system_metrics.enabled():
+            self._sampler = system_metrics.SystemSampler(self._log_system,
+                                                         device_name(tracker.device))
+            self._sampler.start()
+
+    def _log_system(self, reading: dict[str, float], step: int, timestamp: int) -> None:
+        """One system-metrics reading, queued like every other batch of the run."""
+        from mlflow.entities import Metric
+
+        if self.live and not self.ending:
+            self._batch("log system metrics", metrics=[
+                Metric(k, float(v), timestamp, step) for k, v in reading.items()])
+
+    def stop_system_metrics(self) -> None:
+        """End the sampling (its last reading is queued before the run's end)."""
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            sampler.stop()
+
+    def log_data(self, data: Any) -> None:
+        """The dataset the trial trains on, as the run's input (queued)."""
+        if not self.live:
+            return
+        from sweeper.tracking.context import dataset_input
+
+        with self.tracker.timed("trial.input"):
+            entry = self._call("describe the dataset", dataset_input, data, self.config)
+        if entry is not None:
+            self._queue("log the dataset input", self.tracker.client.log_inputs, self.run_id,
+                        datasets=[entry])
 
     # -- the TrialRun protocol -------------------------------------------------------------
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
@@ -236,7 +286,7 @@ class TrialRun:
 
             now = now_ms()
             batch = [Metric(metric_key(k), float(v), now, int(epoch))
-                     for k, v in metrics.items() if k != "epoch" and finite(v)]
+                     for k, v in metrics.items() if k in self.epoch_metrics and finite(v)]
             self._batch("log epoch metrics", metrics=batch)
 
     def log_result(self, *, model: Any, data: Any, history: list[dict[str, float]],
@@ -274,18 +324,29 @@ class TrialRun:
 
     def _log_final_metrics(self, model: Any, metrics: dict[str, float],
                            history: list[dict[str, float]], per_class: set[str]) -> None:
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric, Param, RunTag
 
         now = now_ms()
         # At the last epoch's step, so the run's latest value of val_accuracy is the
-        # final evaluation's. Per-class numbers go to tables/per_class_<split>.csv.
+        # final evaluation's. Per-class numbers and the other averages go to
+        # tables/per_class_<split>.csv; the model's size is a param, epochs and seconds
+        # tags (single points, not curves), unless one of them is an objective.
         step = int(history[-1].get("epoch", len(history))) if history else 0
+        objectives = tuple(o.metric for o in self.tracker.spec.objective_list)
         batch = [Metric(metric_key(k), float(v), now, step, model_id=self.model_id)
-                 for k, v in metrics.items() if finite(v) and k not in per_class]
+                 for k, v in metrics.items()
+                 if finite(v) and k not in per_class and is_run_metric(k, objectives)]
         tags = []
         device = model_device(model)
         if device:
             tags.append(RunTag(TAG_DEVICE, device))
+        if "epochs_run" in metrics:
+            tags.append(RunTag(TAG_EPOCHS_RUN, str(int(metrics["epochs_run"]))))
+        if "train_seconds" in metrics:
+            tags.append(RunTag(TAG_TRAIN_SECONDS, f"{metrics['train_seconds']:.2f}"))
+        if "n_params" in metrics:
+            self._batch("log the parameter count",
+                        params=[Param("n_params", str(int(metrics["n_params"])))])
         for chunk in chunks(batch, 900):
             self._batch("log final metrics", metrics=chunk, tags=tags)
             tags = []
@@ -324,8 +385,8 @@ class TrialRun:
         pickled: loading rebuilds the network from the config, so whoever can write to
         the artifact store cannot make a reader run code. The weights are copied to the
         CPU first, so a model trained on a GPU loads anywhere (and the GPU copy can be
-        freed while the upload runs). The input example is raw images on the 0-1 scale,
-        as the pyfunc takes them.
+        freed while the upload runs). The input example is raw images, pixel values
+        0-255, as the pyfunc takes them.
         """
         import torch
 
@@ -340,9 +401,12 @@ class TrialRun:
         shape = (1, -1, 1, 1)
         raw = example * torch.tensor(data.std).reshape(shape) + \
             torch.tensor(data.mean).reshape(shape)
-        example_np = raw.clamp(0, 1).contiguous().numpy()
+        # As 0-255 integers: the input example is stored twice as JSON text, where a
+        # float per pixel would cost ~60 KB an image.
+        example_np = (raw.clamp(0, 1) * 255).round().to(torch.uint8).contiguous().numpy()
         logged = tracker.client.create_logged_model(
-            tracker.experiment_id, name="model", source_run_id=self.run_id,
+            tracker.experiment_id, name=model_name(spec.name, self.number),
+            source_run_id=self.run_id,
             params={k: param_value(v) for k, v in self.config.flat().items()},
             tags={TAG_STUDY: spec.name, TAG_TRIAL: str(self.number)}, model_type="pytorch")
         self._record_model_id(logged.model_id)
@@ -397,6 +461,7 @@ class TrialRun:
         from sweeper.search.endings import ending_of
 
         end = ending_of(exc)
+        self.stop_system_metrics()
         self.end(end.state, end.mlflow_status, end.reason, end.detail or end.reason)
 
     def finish(self, outcome: TrialOutcome) -> None:
@@ -416,6 +481,7 @@ class TrialRun:
     def end(self, state: str, status: str, reason: str | None, error: str | None,
             seconds: float | None = None) -> None:
         """Queue tags, error.txt and the terminal status after everything else of the run."""
+        self.stop_system_metrics()
         if self.run_id is None or self.tracker.disabled:
             self.incomplete = True
             return
@@ -431,7 +497,7 @@ class TrialRun:
         """Tags, error.txt and the terminal status, each only if not already so. Runs on
         the background thread; every step is tried (a run left RUNNING is worse than one
         more warning), then the first failure is raised."""
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import RunTag
 
         assert self.run_id is not None
         client = self.tracker.client
@@ -439,7 +505,8 @@ class TrialRun:
         tags = [RunTag(TAG_STATE, state)]
         if reason:
             tags.append(RunTag(TAG_REASON, truncate(reason)))
-        metrics = [Metric("trial_seconds", float(seconds), now_ms(), 0)] if seconds else []
+        if seconds:  # the run's own start and end times say it too; not a chart
+            tags.append(RunTag(TAG_TRIAL_SECONDS, f"{seconds:.2f}"))
         errors: list[Exception] = []
 
         def attempt(fn: Callable[[], Any]) -> bool:
@@ -450,7 +517,7 @@ class TrialRun:
                 return False
             return True
 
-        attempt(lambda: client.log_batch(run_id, metrics=metrics, tags=tags))
+        attempt(lambda: client.log_batch(run_id, tags=tags))
         if state == "FAIL" and error and not self.error_logged:
             self.error_logged = attempt(lambda: client.log_text(run_id, error, "error.txt"))
         if self.ended_as != status and attempt(lambda: client.set_terminated(run_id, status)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -230,3 +231,61 @@ def test_last_validation_is_the_final_evaluation_of_the_validation_split(data: D
     torch.testing.assert_close(result.val_logits, again)
     accuracy = float((again.argmax(dim=1) == data.val.y).float().mean())
     assert accuracy == pytest.approx(result.history[-1]["val_accuracy"])
+
+
+class SourceLeNet5(nn.Module):
+    """The source document's LeNet-5 class, written out as its readers would."""
+
+    def __init__(self, act: Callable[[torch.Tensor], torch.Tensor],
+                 pool: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.act, self.pool = act, pool
+        self.conv1 = nn.Conv2d(1, 6, kernel_size=5, stride=1, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, kernel_size=5, stride=1, padding=0)
+        self.fc1 = nn.Linear(400, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.act(self.conv1(x)), kernel_size=2, stride=2)
+        x = self.pool(self.act(self.conv2(x)), kernel_size=2, stride=2)
+        x = torch.flatten(x, 1)
+        x = self.act(self.fc2(self.act(self.fc1(x))))
+        return self.fc3(x)
+
+
+@pytest.mark.parametrize(("activation", "pooling"), [("relu", "max"), ("sigmoid", "avg")],
+                         ids=["modern", "classic"])
+def test_lenet_trains_as_the_textbook_loop_does(mnist_dir: Path, activation: str,
+                                                pooling: str) -> None:
+    """`lenet` + `fit` is the source's network in the textbook loop (Adam, mean
+    cross-entropy, a fresh permutation each epoch): from the same initial weights and batch
+    order both end with the same weights, so no hidden default (weight decay, label
+    smoothing, augmentation, dropout, a missing activation) changes what is trained."""
+    import torch.nn.functional as F
+
+    data = load_dataset(DatasetConfig(name="mnist", subset=640, val_fraction=0.01,
+                                      test_subset=10),
+                        data_dir=mnist_dir)
+    model = _model(data, ModelConfig(arch="lenet", activation=activation, pooling=pooling))
+    torch.manual_seed(0)
+    source = SourceLeNet5(getattr(torch, activation), getattr(F, f"{pooling}_pool2d"))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), source.parameters(),
+                                                 strict=True))
+
+    optimizer = torch.optim.Adam(source.parameters(), lr=1e-3)
+    order = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        for index in torch.randperm(len(data.train), generator=order).split(128):
+            optimizer.zero_grad()
+            F.cross_entropy(source(data.train.x[index]), data.train.y[index]).backward()
+            optimizer.step()
+    result = fit(model, data, TrainConfig(optimizer="adam", lr=1e-3, batch_size=128, seed=0),
+                 epochs=2, device=CPU)
+
+    for ours, theirs in zip(model.parameters(), source.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=2e-4)
+    source.eval()
+    with torch.no_grad():
+        hits = (source(data.val.x).argmax(1) == data.val.y).float().mean().item()
+    assert result.history[-1]["val_accuracy"] == pytest.approx(hits, abs=1 / len(data.val))

@@ -9,6 +9,7 @@ import optuna
 import pytest
 
 from sweeper.errors import StorageError
+from sweeper.keys import study_spec
 from sweeper.search.storage import engine_kwargs, open_storage, redact
 from sweeper.search.study import RunOptions, run_study
 from sweeper.spec import config
@@ -71,7 +72,7 @@ space:
     report = run_study(spec, RunOptions(storage=postgres_url, device="cpu"))
     assert [o.state for o in report.outcomes] == ["COMPLETE", "COMPLETE"]
     study = optuna.load_study(study_name="pg", storage=sqlalchemy_url(postgres_url))
-    assert len(study.trials) == 2 and study.user_attrs["sweeper.spec"]["name"] == "pg"
+    assert len(study.trials) == 2 and study_spec(study)["name"] == "pg"
     resumed = run_study(spec, RunOptions(storage=postgres_url, device="cpu", more_trials=1))
     assert len(resumed.outcomes) == 1
     assert len(optuna.load_study(study_name="pg", storage=sqlalchemy_url(postgres_url)).trials) == 3

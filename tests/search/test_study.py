@@ -45,14 +45,17 @@ def test_three_trial_study_completes_and_records_everything(storage: str) -> Non
     study = optuna.load_study(study_name="syn", storage=storage)
     assert states(study) == ["COMPLETE"] * 3
     for trial in study.trials:
-        metrics = trial.user_attrs["metrics"]
+        metrics = trial.system_attrs["sweeper.metrics"]
         # The objective is the validation accuracy; test accuracy is reported beside it.
         assert trial.value == pytest.approx(metrics["val_accuracy"])
         assert 0 <= metrics["test_accuracy"] <= 1 and "val_f1_macro" in metrics
-        assert trial.user_attrs["config"]["train.lr"] == pytest.approx(trial.params["train.lr"])
+        config = trial.system_attrs["sweeper.config"]
+        assert config["train.lr"] == pytest.approx(trial.params["train.lr"])
         assert metrics["epochs_run"] == 2
     assert study.best_value > 0.5, "the synthetic task is learnable"
-    assert study.user_attrs["sweeper.spec"]["name"] == "syn"
+    system = study._storage.get_study_system_attrs(study._study_id)
+    assert system["sweeper.spec"]["name"] == "syn"
+    assert "sweeper.spec" not in study.user_attrs  # Optuna's tools show user attrs whole
 
 
 def test_second_run_resumes_and_adds_trials(storage: str) -> None:

@@ -5,6 +5,7 @@ rejected with one line naming the file, the line, the key, the arch and what it 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,12 @@ def test_every_optimizer_reads_or_rejects_its_keys(tmp_path: Path, optimizer: st
     message = error_of(tmp_path, text)
     assert message.startswith(f":5: train.{key}: train.{key} is not read by optimizer "
                               f"{optimizer}")
+    options = json.dumps([list(v) if isinstance(v, tuple) else v for v in (first, second)])
+    searched = (f"name: t\ndataset: {{name: mnist}}\ntrain: {{optimizer: {optimizer}}}\n"
+                f"space:\n  train.{key}: {{choice: {options}}}\n")
+    message = error_of(tmp_path, searched)
+    assert message.startswith(f":5: space.train.{key}: train.{key} is not read by optimizer "
+                              f"{optimizer}")
 
 
 def test_defaults_never_trigger_the_check(tmp_path: Path) -> None:
@@ -198,6 +205,39 @@ def test_an_optimizer_choice_is_checked_too(tmp_path: Path) -> None:
     assert message.startswith(":8: space.train.momentum: train.momentum is not read by "
                               "optimizer sgd of the train.optimizer choice")
     assert message.endswith("move it under space.train.optimizer.choice.momentum")
+
+
+OPTIMIZER_CHOICE = """name: t
+dataset: {name: mnist}
+space:
+  train.optimizer:
+    choice:
+      sgd: {}
+      momentum: {}
+"""
+
+
+def test_an_optimizer_key_fixed_beside_an_optimizer_choice_names_where_to_move_it(
+        tmp_path: Path) -> None:
+    fixed = OPTIMIZER_CHOICE.replace("space:", "train: {momentum: 0.5}\nspace:")
+    message = error_of(tmp_path, fixed)
+    assert message == (":3: train.momentum: train.momentum is not read by optimizer sgd of "
+                       "the train.optimizer choice (optimizer sgd reads no keys of its own); "
+                       "move it under space.train.optimizer.choice.momentum")
+
+
+def test_an_optimizer_key_inside_a_choice_must_be_read_by_its_option(tmp_path: Path) -> None:
+    inside = OPTIMIZER_CHOICE.replace("sgd: {}", "sgd: {train.momentum: {choice: [0.5, 0.9]}}")
+    message = error_of(tmp_path, inside)
+    assert message == (":6: space.train.optimizer.choice.sgd.train.momentum: train.momentum "
+                       "is not read by optimizer sgd, so trials would differ in a label only; "
+                       "optimizer sgd reads no keys of its own (train.momentum is read by "
+                       "optimizer momentum, rmsprop); remove it")
+    moved = OPTIMIZER_CHOICE.replace("momentum: {}",
+                                     "momentum: {train.momentum: {choice: [0.5, 0.9]}}")
+    spec = config.loads(moved)
+    assert spec.resolve({"train.optimizer": "momentum", "train.momentum": 0.5}
+                        ).train.momentum == 0.5
 
 
 def test_every_study_file_validates() -> None:
@@ -264,7 +304,10 @@ def test_flat_logs_only_the_keys_read_and_rebuilds_the_same_config() -> None:
     flat = trial.flat()
     assert flat["model.filter_size"] == 5 and "model.channels" not in flat
     assert flat["train.momentum"] == 0.0 and "train.betas" not in flat
+    assert not [k for k in flat if k.startswith("dataset.synthetic.")]  # mnist reads none
     assert config.TrialConfig.from_flat(flat) == trial
+    synthetic = config.loads("name: s\ndataset: {name: synthetic}\n").resolve({}).flat()
+    assert synthetic["dataset.synthetic.classes"] == 4
 
 
 def test_a_space_arch_choice_takes_each_archs_own_defaults() -> None:

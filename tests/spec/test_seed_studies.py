@@ -95,4 +95,4 @@ def test_seed_study_runs_on_a_small_subset(path: Path, data_dir: Path, tmp_path:
             "fail_reason", "").startswith("diverged"), (trial.params, trial.user_attrs)
     for trial in study.trials:
         if trial.state.name == "COMPLETE":
-            assert 0.0 <= trial.user_attrs["metrics"]["test_accuracy"] <= 1.0
+            assert 0.0 <= trial.system_attrs["sweeper.metrics"]["test_accuracy"] <= 1.0

@@ -37,6 +37,7 @@ from sweeper.search.study import RunOptions, open_or_create, run_study
 from sweeper.serving import prepare_images
 from sweeper.spec import config
 from sweeper.tracking import MlflowTracker, default_artifact_root, model_files, resolve_tracking_uri
+from sweeper.tracking.context import sweeper_version
 
 SYNTHETIC = """
 name: {name}
@@ -149,10 +150,10 @@ def test_one_experiment_one_parent_and_a_nested_run_per_trial(three_trials: dict
         tags = run.data.tags
         assert run.info.status == "FINISHED"
         assert tags["mlflow.parentRunId"] == parent.info.run_id
-        assert tags["sweeper.study"] == "layout" and tags["sweeper.trial_number"] == str(
+        assert tags["sweeper.search.study"] == "layout" and tags["sweeper.trial_number"] == str(
             trial.number)
         assert tags["sweeper.state"] == "COMPLETE"
-        assert {"sweeper.sampler", "sweeper.pruner", "sweeper.device",
+        assert {"sweeper.sampler", "sweeper.pruner", "sweeper.ml.device",
                 "sweeper.torch_version"} <= set(tags)
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
         (output,) = client.get_run(run.info.run_id).outputs.model_outputs
@@ -162,14 +163,58 @@ def test_one_experiment_one_parent_and_a_nested_run_per_trial(three_trials: dict
         assert float(run.data.params["train.lr"]) == pytest.approx(trial.params["train.lr"])
         metrics = run.data.metrics
         assert metrics["val_accuracy"] == pytest.approx(trial.value)
-        assert {"test_accuracy", "val_f1_macro", "test_auc_micro",
-                "train_seconds", "n_params", "trial_seconds"} <= set(metrics)
+        assert {"test_accuracy", "val_f1_macro", "test_auc_micro"} <= set(metrics)
+        assert int(run.data.params["n_params"]) > 0
+        assert float(tags["sweeper.trial_seconds"]) > 0 and tags["sweeper.epochs_run"] == "2"
+        assert float(tags["sweeper.train_seconds"]) > 0
         assert not [k for k in metrics if k.endswith(("_class_0", "_class_3"))]
         # Per-epoch curves: one point per epoch, step = epoch.
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert sorted(m.step for m in history) == [1, 2]
         assert {m.step for m in client.get_metric_history(run.info.run_id,
                                                           "val_accuracy")} == {1, 2}
+
+
+RUN_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_f1_macro",
+               "val_auc_macro", "val_auc_micro", "test_accuracy", "test_loss",
+               "test_f1_macro", "test_auc_macro", "test_auc_micro"}
+
+
+def test_trial_runs_read_well(three_trials: dict[str, Any]) -> None:
+    """What people compare as metrics (no per-class figures, no flat `lr` without a
+    schedule), MLflow's context tags and sweeper's version, a description, the dataset as
+    an input, a model named after its trial and, for the best, the registry's version
+    linked to the run."""
+    client = three_trials["client"]
+    _, trials = runs_of(client, "layout")
+    experiment = client.get_experiment_by_name("layout")
+    assert experiment.tags["mlflow.experiment.primaryMetric.name"] == "val_accuracy"
+    digests = set()
+    for run in trials:
+        metrics = {k for k in run.data.metrics if not k.startswith("system/")}
+        assert metrics == RUN_METRICS
+        assert "lr" not in run.data.metrics and "train.lr" in run.data.params
+        tags = run.data.tags
+        assert tags["sweeper.version"] == sweeper_version() != "unknown"
+        assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
+        assert tags["mlflow.source.name"]
+        number = tags["sweeper.trial_number"]
+        assert tags["mlflow.note.content"].startswith(
+            f"Trial {number} of sweeper study **layout**, objective val_accuracy (maximize)")
+        assert "train.lr=" in tags["mlflow.note.content"]
+        (entry,) = run.inputs.dataset_inputs
+        assert entry.dataset.name == "synthetic" and len(entry.dataset.digest) == 16
+        assert json.loads(entry.dataset.profile)["test"] == 128
+        assert {t.key: t.value for t in entry.tags} == {"mlflow.data.context": "training"}
+        digests.add(entry.dataset.digest)
+        (output,) = run.outputs.model_outputs
+        assert client.get_logged_model(output.model_id).name == f"layout-trial-{number}"
+    assert len(digests) == 1, "the same data has one digest"
+    best = layout_study(three_trials).best_trial
+    version = client.get_model_version_by_alias("layout", "best")
+    assert version.run_id == trials[best.number].info.run_id
+    assert [v.version for v in client.search_model_versions(
+        f"run_id = '{version.run_id}'")] == [version.version]
 
 
 def test_trial_runs_carry_figures_tables_reports_config(three_trials: dict[str, Any]) -> None:
@@ -186,9 +231,13 @@ def test_trial_runs_carry_figures_tables_reports_config(three_trials: dict[str, 
     assert sum(int(v) for row in rows[1:] for v in row.split(",")[1:]) == 128
     table = (local / "tables" / "per_class_test.csv").read_text().splitlines()
     assert table[0] == "class,support,precision,recall,f1,auc"
-    assert [row.split(",")[0] for row in table[1:]] == [f"class_{i}" for i in range(4)]
-    assert sum(int(row.split(",")[1]) for row in table[1:]) == 128
-    assert all(0 <= float(v) <= 1 for row in table[1:] for v in row.split(",")[2:])
+    assert [row.split(",")[0] for row in table[1:]] == [
+        *(f"class_{i}" for i in range(4)), "macro avg", "weighted avg"]
+    assert sum(int(row.split(",")[1]) for row in table[1:5]) == 128
+    assert all(0 <= float(v) <= 1 for row in table[1:5] for v in row.split(",")[2:])
+    macro = dict(zip(table[0].split(","), table[5].split(","), strict=True))
+    assert float(macro["f1"]) == pytest.approx(trials[0].data.metrics["test_f1_macro"],
+                                               rel=1e-4)
     curves, aucs = read_roc_csv(local / "tables" / "roc_test.csv")
     assert {"micro", "macro", "class_0"} <= set(curves)
     assert aucs["micro"] == pytest.approx(trials[0].data.metrics["test_auc_micro"], rel=1e-4)
@@ -283,7 +332,7 @@ def test_logged_model_serves_over_http(three_trials: dict[str, Any], tmp_path: P
         serve.wait(timeout=30)
     served = np.asarray(body["predictions"]["probabilities"], dtype=np.float32)
     model, info = read_model(local / MODEL_DIR)
-    raw = np.asarray(example["inputs"], dtype=np.float32)  # raw images, 0-1
+    raw = np.asarray(example["inputs"], dtype=np.uint8)  # raw images, 0-255
     with torch.no_grad():
         logits = model(torch.from_numpy(prepare_images(raw, info)))
     expected = torch.softmax(logits, dim=1).numpy()

@@ -22,6 +22,7 @@ from sweeper.tracking.server import (
     browser_url,
     resolve_ui_store,
     run_server,
+    run_url,
     server_command,
     trial_runs_url,
 )
@@ -53,13 +54,14 @@ def _sweeper() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "sweeper.cli"]
 
 
-def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
+def _chromium(*args: str, profile: Path, window: str = "1400,900"
+              ) -> subprocess.CompletedProcess[str]:
     assert CHROMIUM is not None
     return subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
          "--disable-dev-shm-usage", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-         "--virtual-time-budget=20000", "--window-size=1400,900", *args],
+         "--virtual-time-budget=20000", f"--window-size={window}", *args],
         capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -173,3 +175,79 @@ def test_store_and_url_defaults() -> None:
 def test_a_server_that_dies_early_is_one_line() -> None:
     with pytest.raises(TrackingError, match="exited with code 3 before it was ready"):
         run_server(["sh", "-c", "exit 3"], "http://127.0.0.1:9/health")
+
+
+MODEL_STUDY = "ui-model"
+MODEL_STUDY_FILE = f"""
+name: {MODEL_STUDY}
+dataset: {{name: synthetic, synthetic: {{train_size: 256, test_size: 64, image_size: 8}}}}
+model: {{arch: mlp, hidden: [16]}}
+budget: {{trials: 2, epochs: 3}}
+sampler: {{name: random, seed: 0}}
+models: best
+space:
+  train.lr: {{float: [1.0e-3, 1.0e-1], log: true}}
+"""
+FIRST_CHARTS = 8  # of the 12 model metrics a trial run logs (MLflow sorts them by name)
+
+
+def chart_titles(dom: str) -> list[str]:
+    """The titles of the chart cards MLflow rendered on a run's metrics page (those in
+    view: it renders the others as they scroll in), in page order."""
+    import re
+
+    return re.findall(r'<h4[^>]*title="([^"]+)"', dom)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
+                    "(apt-get install chromium; .ci/run installs it)")
+def test_trial_run_page_charts_validation_accuracy_first_and_links_the_registry(
+        tmp_path: Path) -> None:
+    """In MLflow's UI, the best trial's metrics page shows val_accuracy among its first
+    charts (and no per-class ones), and its overview links the registered model version."""
+    from mlflow import MlflowClient
+
+    root = tmp_path / "store"
+    root.mkdir()
+    (root / "study.yaml").write_text(MODEL_STUDY_FILE)
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    run = subprocess.run([*_sweeper(), "run", "study.yaml", "--tracking-uri", store,
+                          "--storage", f"sqlite:///{root / 'optuna.db'}", "--device", "cpu"],
+                         cwd=root, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name(MODEL_STUDY)
+    version = client.get_model_version_by_alias(MODEL_STUDY, "best")
+    logged = client.get_run(version.run_id).data.metrics
+    metrics = {k for k in logged if not k.startswith("system/")}
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "ui.log"
+    with log.open("w") as out:
+        ui = subprocess.Popen([*_sweeper(), "ui", "--backend-store-uri", store,
+                               "--port", str(port)],
+                              stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 90
+        while "MLflow UI:" not in log.read_text():
+            assert ui.poll() is None, f"sweeper ui exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"sweeper ui not ready:\n{log.read_text()}"
+            time.sleep(0.25)
+        run_page = run_url(url, experiment.experiment_id, version.run_id)
+        # A tall window: MLflow renders only the charts in view (three per row).
+        charts = _chromium("--dump-dom", f"{run_page}/model-metrics",
+                           profile=tmp_path / "profile-charts", window="1400,1400")
+        assert charts.returncode == 0, charts.stderr[-2000:]
+        assert len(metrics) == 12, sorted(metrics)
+        titles = [t for t in chart_titles(charts.stdout) if t in metrics]
+        assert "val_accuracy" in titles[:FIRST_CHARTS], titles
+        assert not [t for t in chart_titles(charts.stdout) if "class_" in t or t == "lr"]
+        overview = _chromium("--dump-dom", run_page, profile=tmp_path / "profile-overview")
+        assert overview.returncode == 0, overview.stderr[-2000:]
+        link = f"#/models/{MODEL_STUDY}/versions/{version.version}"
+        assert link in overview.stdout, "the run links its registered model version"
+        assert f"{MODEL_STUDY}-trial-" in overview.stdout, "the logged model, by its name"
+    finally:
+        ui.send_signal(signal.SIGINT)
+        ui.wait(timeout=30)
