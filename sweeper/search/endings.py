@@ -17,7 +17,8 @@ COMPLETE in one store and FAILED in the other.
 from __future__ import annotations
 
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from sweeper.errors import ConfigError, TrialFailure, is_disk_full
 from sweeper.keys import Outcome
@@ -82,3 +83,27 @@ def out_of_memory(exc: BaseException) -> bool:
 def one_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[0] if lines else ""
+
+
+@dataclass
+class TrialOutcome:
+    """How one trial ended, as shown to the user and told to Optuna."""
+
+    number: int
+    state: Outcome  # COMPLETE | PRUNED | FAIL (a str)
+    values: list[float] | None = None
+    reason: str | None = None
+    seconds: float = 0.0
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    detail: str | None = None  # the traceback of an unexpected error, for the record
+    interrupted: bool = False  # stopped by Ctrl-C or a signal, not by its config
+    # Why a FAIL happened: "params" (this config: infeasible, diverged, out of memory),
+    # "environment" (anything else: the machine, the storage, a bug) or "interrupted".
+    cause: str | None = None
+
+    def ended(self, end: TrialEnd) -> None:
+        """Take the state, reason and cause of how the trial ended (see `endings`)."""
+        self.state, self.reason, self.detail, self.cause = (end.state, end.reason, end.detail,
+                                                            end.cause)
+        self.interrupted = end.interrupted

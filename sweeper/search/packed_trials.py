@@ -15,7 +15,9 @@ the shared training step (out of memory, a bug, Ctrl-C) ends every member still 
 pack the way it ends a lone trial. A worker killed outright leaves its K trials RUNNING:
 their heartbeats stop, and each is taken back and re-queued once (`heartbeat`).
 
-This module knows no MLflow: the tracker's runs come through `Worker._trial_run`.
+`worker` is the `search.study.Worker` that runs the pack (typed `Any`: that module
+dispatches to this one, and the import graph has no cycle). This module knows no MLflow:
+the tracker's runs come through `Worker._trial_run`.
 """
 
 from __future__ import annotations
@@ -30,10 +32,9 @@ from sweeper.errors import ConfigError, StorageError, TrialFailure
 from sweeper.fleet import heartbeat, stopping
 from sweeper.keys import ATTR_CONFIG, ATTR_HEARTBEAT, ATTR_PACK, ATTR_WORKER, Outcome
 from sweeper.search import retrying, samplers
-from sweeper.search.endings import COMPLETED, TrialEnd, ending_of
+from sweeper.search.endings import COMPLETED, TrialEnd, TrialOutcome, ending_of
 from sweeper.search.queries import StudyQueries
 from sweeper.search.storage import rdb_of
-from sweeper.search.study import TrialOutcome, Worker, _free_device_memory
 from sweeper.spec import space
 from sweeper.spec.config import StudySpec, TrialConfig, walk_space
 
@@ -66,7 +67,7 @@ def member_params(spec: StudySpec) -> set[str]:
     return {dim.name for dim in walk_space(spec.dimensions) if dim.key in MEMBER_KEYS}
 
 
-def run_pack(worker: Worker, study: optuna.Study, room: int) -> list[TrialOutcome]:
+def run_pack(worker: Any, study: optuna.Study, room: int) -> list[TrialOutcome]:
     """Ask up to `room` trials of one shape, train them together, tell each. Returns
     their outcomes; raises only KeyboardInterrupt (after telling Optuna about every
     member) and StorageError, as `Worker.run_trial` does."""
@@ -141,7 +142,7 @@ def run_pack(worker: Worker, study: optuna.Study, room: int) -> list[TrialOutcom
     return sorted(outcomes, key=lambda o: o.number)
 
 
-def _open(worker: Worker, study: optuna.Study, trial: optuna.Trial) -> _Slot:
+def _open(worker: Any, study: optuna.Study, trial: optuna.Trial) -> _Slot:
     """The member's heartbeat starts (its worker's settings recorded on it)."""
     settings = worker.options.heartbeat
     with contextlib.suppress(StorageError):  # readers fall back to their own settings
@@ -152,7 +153,7 @@ def _open(worker: Worker, study: optuna.Study, trial: optuna.Trial) -> _Slot:
     return _Slot(trial, beat, TrialOutcome(trial.number, Outcome.FAIL))
 
 
-def _configure(worker: Worker, study: optuna.Study, trial: optuna.Trial) -> TrialConfig:
+def _configure(worker: Any, study: optuna.Study, trial: optuna.Trial) -> TrialConfig:
     """Suggest the trial's params (fixed ones come back as fixed) and record its config,
     as `Worker.attempt` does; idempotent."""
     trial.set_user_attr(ATTR_WORKER, worker.options.worker)
@@ -174,14 +175,14 @@ def _ask_fixed(study: optuna.Study, fixed: dict[str, Any]) -> optuna.Trial:
     return optuna.Trial(study, trial_id)
 
 
-def _alone(worker: Worker, study: optuna.Study, slot: _Slot) -> TrialOutcome:
+def _alone(worker: Any, study: optuna.Study, slot: _Slot) -> TrialOutcome:
     """A member left on its own trains as a lone trial."""
     slot.done = True
     with slot.beat:
         return worker.attempt(study, slot.trial)
 
 
-def _end(worker: Worker, study: optuna.Study, slot: _Slot,
+def _end(worker: Any, study: optuna.Study, slot: _Slot,
          exc: BaseException | None = None) -> TrialOutcome:
     """Close the member's run (on `exc`: aborted with it), tell Optuna and tracking, stop
     its heartbeat. Its outcome is filled in by the caller."""
@@ -201,7 +202,7 @@ def _end(worker: Worker, study: optuna.Study, slot: _Slot,
     return outcome
 
 
-def _train(worker: Worker, study: optuna.Study, slots: list[_Slot]) -> list[TrialOutcome]:
+def _train(worker: Any, study: optuna.Study, slots: list[_Slot]) -> list[TrialOutcome]:
     """Open every member's run, build every member's model from its own seed, train them
     together, and end each as it leaves."""
     import optuna
@@ -262,11 +263,13 @@ def _train(worker: Worker, study: optuna.Study, slots: list[_Slot]) -> list[Tria
     finally:
         for slot in slots:
             slot.model = None
-        _free_device_memory(worker.device)
+        from sweeper.ml.device import free_device_memory
+
+        free_device_memory(worker.device)
     return [outcomes[i] for i in sorted(outcomes)]
 
 
-def _finish(worker: Worker, slot: _Slot, member: Any, pruned: type[Exception]) -> None:
+def _finish(worker: Any, slot: _Slot, member: Any, pruned: type[Exception]) -> None:
     """The member's outcome from how its training ended, mapped as a lone trial's is
     (`endings`): COMPLETE after evaluation, PRUNED, or FAIL with reason and cause."""
     outcome = slot.outcome

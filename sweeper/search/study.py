@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import logging
 import math
 import os
@@ -39,7 +38,7 @@ from sweeper.keys import (
 )
 from sweeper.redaction import redact_text
 from sweeper.search import retrying, samplers
-from sweeper.search.endings import COMPLETED, TrialEnd, ending_of, one_line
+from sweeper.search.endings import COMPLETED, TrialOutcome, ending_of, one_line
 from sweeper.search.queries import StudyQueries
 from sweeper.search.stopping_rules import StopPolicy
 from sweeper.search.storage import open_storage, rdb_of, redact
@@ -57,30 +56,6 @@ log = logging.getLogger(__name__)
 
 
 FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
-
-
-@dataclass
-class TrialOutcome:
-    """How one trial ended, as shown to the user and told to Optuna."""
-
-    number: int
-    state: Outcome  # COMPLETE | PRUNED | FAIL (a str)
-    values: list[float] | None = None
-    reason: str | None = None
-    seconds: float = 0.0
-    params: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    detail: str | None = None  # the traceback of an unexpected error, for the record
-    interrupted: bool = False  # stopped by Ctrl-C or a signal, not by its config
-    # Why a FAIL happened: "params" (this config: infeasible, diverged, out of memory),
-    # "environment" (anything else: the machine, the storage, a bug) or "interrupted".
-    cause: str | None = None
-
-    def ended(self, end: TrialEnd) -> None:
-        """Take the state, reason and cause of how the trial ended (see `endings`)."""
-        self.state, self.reason, self.detail, self.cause = (end.state, end.reason, end.detail,
-                                                            end.cause)
-        self.interrupted = end.interrupted
 
 
 @dataclass
@@ -448,7 +423,9 @@ class Worker:
         finally:
             # After the except blocks: the exception and its frames (the model, the
             # batch) are gone, so their memory can actually be returned.
-            _free_device_memory(self.device)
+            from sweeper.ml.device import free_device_memory
+
+            free_device_memory(self.device)
         outcome.seconds = time.monotonic() - started
         self._tell(study, trial, outcome)
         return outcome
@@ -618,14 +595,6 @@ def _is_summary_metric(key: str) -> bool:
     return name in ("accuracy", "loss", "f1_macro", "f1_weighted", "precision_macro",
                     "recall_macro", "precision_weighted", "recall_weighted", "auc_macro",
                     "auc_micro")
-
-
-def _free_device_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        import torch
-
-        gc.collect()  # reference cycles that still hold tensors
-        torch.cuda.empty_cache()
 
 
 def run_study(spec: StudySpec, options: RunOptions, *, tracker: StudyTracker | None = None,

@@ -17,7 +17,6 @@ from sweeper.keys import TAG_GIT_COMMIT, TAG_VERSION
 if TYPE_CHECKING:
     from mlflow.entities import DatasetInput
 
-    from sweeper.ml.data import Dataset
     from sweeper.spec.config import StudySpec, TrialConfig
 
 log = logging.getLogger(__name__)
@@ -85,7 +84,7 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def data_digest(data: Dataset) -> str:
+def data_digest(data: Any) -> str:
     """A digest of a loaded dataset: its split sizes and shapes, every label in split
     order (so a different subset or validation seed differs), the first images of each
     split and the normalisation. Like MLflow's own dataset digests it hashes a sample of
@@ -107,7 +106,7 @@ def data_digest(data: Dataset) -> str:
     return digest
 
 
-def dataset_input(data: Dataset, config: TrialConfig) -> DatasetInput:
+def dataset_input(data: Any, config: TrialConfig) -> DatasetInput:
     """The trial's data as an MLflow dataset input: name, digest, where it came from (the
     dataset config) and a profile with the split sizes, input shape and classes."""
     from mlflow.entities import Dataset as MlflowDataset

@@ -136,5 +136,7 @@ class SystemSampler:
         self._stop.set()
         self._thread.join(timeout=5)
         self._thread = None
-        if time.monotonic() - self._last >= MIN_LAST_SAMPLE_S:
+        # One more reading for a trial that ran on since the last one, and always one for
+        # a trial shorter than the interval: every run shows what its trial used.
+        if self._step == 0 or time.monotonic() - self._last >= MIN_LAST_SAMPLE_S:
             self._take()
