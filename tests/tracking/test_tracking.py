@@ -150,10 +150,10 @@ def test_one_experiment_one_parent_and_a_nested_run_per_trial(three_trials: dict
         tags = run.data.tags
         assert run.info.status == "FINISHED"
         assert tags["mlflow.parentRunId"] == parent.info.run_id
-        assert tags["sweeper.search.study"] == "layout" and tags["sweeper.trial_number"] == str(
+        assert tags["sweeper.study"] == "layout" and tags["sweeper.trial_number"] == str(
             trial.number)
         assert tags["sweeper.state"] == "COMPLETE"
-        assert {"sweeper.sampler", "sweeper.pruner", "sweeper.ml.device",
+        assert {"sweeper.sampler", "sweeper.pruner", "sweeper.device",
                 "sweeper.torch_version"} <= set(tags)
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
         (output,) = client.get_run(run.info.run_id).outputs.model_outputs
