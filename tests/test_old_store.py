@@ -106,6 +106,7 @@ def test_the_best_model_loads_and_predicts(old_store: Path) -> None:
     assert logits.shape == (3, 4) and torch.isfinite(logits).all()  # 4 synthetic classes
 
 
+@pytest.mark.slow  # seconds of training or a fresh interpreter: run with `pytest -m slow`
 def test_the_pyfunc_the_release_logged_still_serves(old_store: Path) -> None:
     """Each logged model's `MLmodel` names `sweeper.serving` as its loader: it must stay."""
     mlmodel = next((old_store / "mlruns").rglob("MLmodel")).read_text()
@@ -121,6 +122,7 @@ def test_the_pyfunc_the_release_logged_still_serves(old_store: Path) -> None:
     assert "(2, 4) (2,)" in done.stdout
 
 
+@pytest.mark.slow  # seconds of training or a fresh interpreter: run with `pytest -m slow`
 def test_evaluate_matches_what_was_logged(old_store: Path) -> None:
     done = sweeper(old_store, "evaluate", STUDY, "--json", "--device", "cpu")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -133,6 +135,7 @@ def test_evaluate_matches_what_was_logged(old_store: Path) -> None:
     assert now["test"] == pytest.approx(then["test"], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow  # seconds of training or a fresh interpreter: run with `pytest -m slow`
 def test_the_study_resumes_and_reap_finds_nothing_to_do(old_store: Path) -> None:
     done = sweeper(old_store, "run", "old-store.yaml", "--trials", "1", "--device", "cpu")
     assert done.returncode == 0, done.stdout + done.stderr
