@@ -25,6 +25,7 @@ from pathlib import Path
 
 from _stores import postgres_database
 
+from sweeper.keys import ATTR_CONFIG, ATTR_METRICS
 from sweeper.search.study import open_or_create
 from sweeper.spec import config
 
@@ -78,15 +79,17 @@ def build(storage: str, n: int) -> None:
                    for name in ("accuracy", "loss", "f1_macro", "f1_weighted",
                                 "precision_macro", "recall_macro", "auc_macro", "auc_micro")}
         metrics["val_accuracy"] = accuracy
-        attrs = {"metrics": metrics, "mlflow_run_id": uuid.uuid4().hex,
-                 "mlflow_model_id": f"m-{uuid.uuid4().hex}",
-                 "config": {**{f"dataset.{k}": 0 for k in range(8)}, **params, "epochs": 10}}
+        # As sweeper writes them: ids as user attrs, its records as system attrs.
+        attrs = {"mlflow_run_id": uuid.uuid4().hex, "mlflow_model_id": f"m-{uuid.uuid4().hex}"}
+        records = {ATTR_METRICS: metrics,
+                   ATTR_CONFIG: {**{f"dataset.{k}": 0 for k in range(8)}, **params,
+                                 "epochs": 10}}
         if state != optuna.trial.TrialState.COMPLETE:
             attrs["fail_reason"] = "pruned at epoch 3" if roll < 0.95 else "diverged"
         trials.append(optuna.trial.create_trial(
             state=state, value=accuracy if state == optuna.trial.TrialState.COMPLETE else None,
             params=params, distributions=distributions, user_attrs=attrs,
-            intermediate_values=curve))
+            system_attrs=records, intermediate_values=curve))
     study.add_trials(trials)
 
 

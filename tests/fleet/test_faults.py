@@ -23,6 +23,7 @@ from mlflow_server import PG_ADMIN, MlflowServer, postgres_database
 from optuna.trial import TrialState
 
 from studies import tiny_study
+from sweeper.keys import ATTR_CONFIG
 from sweeper.search.storage import open_storage
 
 pytestmark = pytest.mark.slow
@@ -112,7 +113,7 @@ def test_a_fast_beating_worker_leaves_a_slow_beating_workers_trial_alone(tmp_pat
     try:
         def training() -> bool:
             (trial,) = trials_of(storage, "beats2")
-            return trial.state == TrialState.RUNNING and "config" in trial.user_attrs
+            return trial.state == TrialState.RUNNING and ATTR_CONFIG in trial.system_attrs
         wait_until(training, what="the slow-beating worker's trial",
                    process=slow)
         time.sleep(6)  # silent longer than the fast worker's own grace (4 s)

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from studies import tiny_study
 from sweeper.fleet.jobs import cpu_threads, slots, worker_device
+from sweeper.keys import ATTR_CONFIG
 from sweeper.search.storage import open_storage
 from sweeper.search.study import count_finished
 
@@ -70,7 +71,8 @@ def wait_for_training(storage: str, name: str, pid: int, timeout: float = 120
             time.sleep(0.2)
             continue
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if trial.user_attrs.get("worker") == f"{HOST}:{pid}" and "config" in trial.user_attrs:
+            mine = trial.user_attrs.get("worker") == f"{HOST}:{pid}"
+            if mine and ATTR_CONFIG in trial.system_attrs:
                 return trial
         time.sleep(0.2)
     raise AssertionError(f"worker {pid} never started training a trial of {name}")
@@ -192,7 +194,7 @@ def test_sigterm_to_a_jobs_run_stops_every_worker_cleanly(tmp_path: Path) -> Non
         try:
             study = optuna.load_study(study_name="term2", storage=rdb)
             with_config = [t for t in study.get_trials(states=(TrialState.RUNNING,))
-                           if "config" in t.user_attrs]
+                           if ATTR_CONFIG in t.system_attrs]
         except KeyError:
             pass
         if len(with_config) == 2:
