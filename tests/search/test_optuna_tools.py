@@ -52,6 +52,7 @@ space:
 USER_ATTR_MAX_CHARS = 100  # one short line in optuna-dashboard and the `optuna` CLI
 
 
+@pytest.mark.slow  # a study, then the `optuna` command in a fresh interpreter
 def test_optuna_best_trial_names_the_metric_and_user_attrs_stay_small(tmp_path: Path
                                                                        ) -> None:
     import optuna

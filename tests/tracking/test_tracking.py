@@ -103,7 +103,9 @@ def layout_study(three_trials: dict[str, Any]) -> optuna.Study:
 # --------------------------------------------------------------------------------------
 # A study over HTTP: layout, artifacts, model, registry
 # --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+# PostgreSQL's copy starts a second server on fresh databases: it runs with the slow tests.
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql",
+                                                               marks=pytest.mark.slow)])
 def three_trials(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[dict[str, Any]]:
     """A 3-trial study run once over HTTP per backend; the tests below read what it left.
@@ -573,6 +575,7 @@ def test_unreachable_database_fails_before_anything_is_written(
     assert not (tmp_path / "mlruns").exists(), "no artifact folder for a store that is down"
 
 
+@pytest.mark.slow  # a server killed and restarted mid-study
 def test_server_lost_mid_study_loses_no_optuna_result(
         tmp_path: Path, storage: str, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
