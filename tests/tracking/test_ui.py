@@ -4,6 +4,7 @@ the server (exit 130, port free again). Plus the one-line errors of the command.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,32 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 STUDY = "ui-study"
 TRIALS = ("trial-0", "trial-1", "trial-2")
 
+
+
+@contextlib.contextmanager
+def _sweeper_ui(store: str, port: int, log: Path, *, cwd: Path
+                ) -> Iterator[subprocess.Popen[bytes]]:
+    """`sweeper ui` on `store` and `port`, its output in `log`, once it says it is ready;
+    stopped with Ctrl-C (then terminated) if it still runs when the block ends."""
+    with log.open("w") as out:
+        ui = subprocess.Popen([*_sweeper(), "ui", "--backend-store-uri", store,
+                               "--port", str(port)],
+                              stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+    try:
+        deadline = time.monotonic() + 90
+        while "MLflow UI:" not in log.read_text():
+            assert ui.poll() is None, f"sweeper ui exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"sweeper ui not ready:\n{log.read_text()}"
+            time.sleep(0.25)
+        yield ui
+    finally:
+        if ui.poll() is None:
+            ui.send_signal(signal.SIGINT)
+            try:
+                ui.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                ui.terminate()
+                ui.wait(timeout=30)
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -102,16 +130,7 @@ def test_ui_shows_the_study_in_a_browser_and_ctrl_c_stops_it(tmp_path: Path) -> 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "ui.log"
-    with log.open("w") as out:
-        ui = subprocess.Popen([*_sweeper(), "ui", "--backend-store-uri", store,
-                               "--port", str(port)],
-                              stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 90
-        while "MLflow UI:" not in log.read_text():
-            assert ui.poll() is None, f"sweeper ui exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"sweeper ui not ready:\n{log.read_text()}"
-            time.sleep(0.25)
+    with _sweeper_ui(store, port, log, cwd=tmp_path) as ui:
         assert f"MLflow UI: {url}" in log.read_text()
         with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
             assert response.read() == b"OK"
@@ -131,10 +150,6 @@ def test_ui_shows_the_study_in_a_browser_and_ctrl_c_stops_it(tmp_path: Path) -> 
 
         ui.send_signal(signal.SIGINT)  # Ctrl-C
         assert ui.wait(timeout=30) == 130, log.read_text()
-    finally:
-        if ui.poll() is None:
-            ui.terminate()
-            ui.wait(timeout=30)
     assert "MLflow UI stopped" in log.read_text()
     assert _port_is_free(port), "the mlflow server outlived sweeper ui"
 
@@ -224,16 +239,7 @@ def test_trial_run_page_charts_validation_accuracy_first_and_links_the_registry(
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "ui.log"
-    with log.open("w") as out:
-        ui = subprocess.Popen([*_sweeper(), "ui", "--backend-store-uri", store,
-                               "--port", str(port)],
-                              stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 90
-        while "MLflow UI:" not in log.read_text():
-            assert ui.poll() is None, f"sweeper ui exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"sweeper ui not ready:\n{log.read_text()}"
-            time.sleep(0.25)
+    with _sweeper_ui(store, port, log, cwd=tmp_path):
         run_page = run_url(url, experiment.experiment_id, version.run_id)
         # A tall window: MLflow renders only the charts in view (three per row). On a busy
         # machine the page may not have drawn its charts when Chromium's time budget ends:
@@ -254,6 +260,3 @@ def test_trial_run_page_charts_validation_accuracy_first_and_links_the_registry(
         link = f"#/models/{MODEL_STUDY}/versions/{version.version}"
         assert link in overview.stdout, "the run links its registered model version"
         assert f"{MODEL_STUDY}-trial-" in overview.stdout, "the logged model, by its name"
-    finally:
-        ui.send_signal(signal.SIGINT)
-        ui.wait(timeout=30)
