@@ -14,6 +14,8 @@ The K variants are interleaved round by round (the order rotates), so a load cha
 shared machine hits them all; the median of `--rounds` is reported, with the best beside
 it, the speed-up against K = 1 of the same round's median, the load average before and
 after, and on CUDA the peak memory of one pack next to `packing.member_bytes`' estimate.
+Each network's line also says how many members `pack: 8` packs on this device
+(`packing.pack_size`, by free memory).
 
     .venv/bin/python benchmarks/packing.py [--device cpu|cuda] [--rounds 3]
         [--trials 8] [--train-images 2048] [--epochs 1] [--archs cnn,lenet,mlp]
@@ -32,7 +34,7 @@ import torch
 from sweeper.errors import DataError
 from sweeper.ml.data import Dataset, load_dataset
 from sweeper.ml.models import build_model
-from sweeper.ml.packing import fit_packed, member_bytes
+from sweeper.ml.packing import fit_packed, member_bytes, pack_size
 from sweeper.ml.train import fit, resolve_device, seed_everything
 from sweeper.spec.config import DatasetConfig, TrialConfig
 
@@ -81,7 +83,8 @@ def main() -> None:
             median = statistics.median(times[label])
             rows.append((arch, label, median, min(times[label]), args.trials * 3600 / median,
                          base / median, peaks.get(label), estimate * k))
-        print(f"  {arch} done, load {_load()}", flush=True)
+        chosen = pack_size(8, configs[0], data.input_shape, data.num_classes, device)
+        print(f"  {arch} done, load {_load()}; `pack: 8` packs {chosen} here", flush=True)
         _table(rows[-len(PACKS):])
     print("all networks:")
     _table(rows)

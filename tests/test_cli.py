@@ -195,8 +195,10 @@ def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path: Path, storage: s
             proc.kill()
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
-    (trial,) = optuna.load_study(study_name="tiny", storage=storage).trials
+    assert "the running trial was recorded as FAIL (#0) and re-queued as #1" in err, err
+    trial, retry = optuna.load_study(study_name="tiny", storage=storage).trials
     assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "interrupted"
+    assert retry.state.name == "WAITING" and retry.user_attrs["retry_of"] == 0
 
 
 @pytest.mark.slow

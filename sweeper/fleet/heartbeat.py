@@ -143,7 +143,7 @@ def fail_lost_trials(study: optuna.Study, settings: HeartbeatSettings, *,
         except UpdateFinishedTrialError:  # another worker was first, or it just finished
             continue
         lost = storage.get_trial(running.trial_id)
-        retried = _requeue(study, lost) if retry else None
+        retried = requeue(study, lost) if retry else None
         log.warning("trial %d: %s; %s", lost.number, reason,
                     f"re-queued as trial {retried}" if retried is not None else
                     "not re-queued")
@@ -156,9 +156,10 @@ def fail_lost_trials(study: optuna.Study, settings: HeartbeatSettings, *,
     return handled
 
 
-def _requeue(study: optuna.Study, lost: optuna.trial.FrozenTrial) -> int | None:
-    """A WAITING copy of the lost trial with the same params (and grid point), unless it
-    was itself retried `MAX_RETRIES` times over. Returns its number."""
+def requeue(study: optuna.Study, lost: optuna.trial.FrozenTrial) -> int | None:
+    """A WAITING copy of a trial that ended for a reason outside its params (its worker
+    lost, or stopped by Ctrl-C or SIGTERM), with the same params (and grid point), unless
+    it was itself retried `MAX_RETRIES` times over. Returns its number."""
     import optuna
 
     history = list(lost.system_attrs.get(RETRY_HISTORY, []))

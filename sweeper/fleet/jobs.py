@@ -11,8 +11,9 @@ machine, forwards signals and shows one combined progress bar:
 - **Processes.** `spawn`, not `fork`: CUDA cannot be used in a forked child, and a fresh
   interpreter holds none of the parent's threads or database connections.
 - **Signals.** Ctrl-C reaches every worker (one process group): each records its running
-  trial as FAIL ("interrupted", run KILLED) and exits. SIGTERM to `sweeper run` (docker
-  stop, a batch scheduler) is passed on to the workers, which do the same.
+  trial as FAIL ("interrupted", run KILLED), re-queues it once and exits. SIGTERM to
+  `sweeper run` (docker stop, a batch scheduler) is passed on to the workers, which do
+  the same.
 - **Crashes.** A worker that dies (killed, out of host memory) takes nothing with it: its
   trial is taken back by the others after the heartbeat grace period (`heartbeat`).
 """

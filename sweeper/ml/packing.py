@@ -126,7 +126,8 @@ def free_memory(device: torch.device) -> int:
 def pack_size(requested: int, config: TrialConfig, input_shape: tuple[int, int, int],
               num_classes: int, device: torch.device) -> int:
     """The members to pack: `requested`, or as many as fit in `MEMORY_SHARE` of the free
-    memory by `member_bytes` (at least 1: a lone trial runs whatever the estimate)."""
+    memory by `member_bytes` (at least 1: a lone trial runs whatever the estimate). A
+    pack that still runs out of memory is split by the caller (`packed_trials`)."""
     if requested <= 1 or not packable(config):
         return 1
     need = member_bytes(config, input_shape, num_classes)
@@ -171,11 +172,18 @@ class PackedNet:
         # place and their gradients come out in the same layout (no copy per step).
         self.transposed = {f"{path}.weight" for path, m in template.named_modules()
                            if isinstance(m, nn.Linear)}
+        # Convolution weights are kept so that the grouped weight (K*out, in, kh, kw) is a
+        # channels_last view, as `train.fit` converts a lone model: otherwise oneDNN runs
+        # a first layer of one input channel in NCHW and the whole network follows
+        # (measured 3-10x slower convolutions and pools on the CPU).
+        self.channels_last_weights = {
+            f"{path}.weight" for path, m in template.named_modules()
+            if isinstance(m, nn.Conv2d)} if channels_last else set()
         for name in names:
             stacked = torch.stack([self._layout(name, s[name].detach().to(device,
                                                                           torch.float32))
-                                   for s in states]).contiguous()
-            self.params[name] = stacked.requires_grad_(True)
+                                   for s in states])
+            self.params[name] = self._stored(name, stacked).requires_grad_(True)
         for name in buffers:
             self.buffers[name] = torch.stack([s[name].detach().to(device)
                                               for s in states]).contiguous()
@@ -184,12 +192,27 @@ class PackedNet:
     def _layout(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.t() if name in self.transposed else tensor
 
+    def _grouped(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """Convolution weight (K, out, in, kh, kw) as the grouped (K*out, in, kh, kw).
+        Stored channels_last, it is viewed with explicit strides: a dimension of size 1
+        (one input channel) would otherwise get strides that make oneDNN choose NCHW."""
+        k, out, cin, kh, kw = w.shape
+        if name in self.channels_last_weights:
+            return w.as_strided((k * out, cin, kh, kw), (kh * kw * cin, 1, kw * cin, cin))
+        return w.reshape(k * out, cin, kh, kw)
+
+    def _stored(self, name: str, stacked: torch.Tensor) -> torch.Tensor:
+        """`stacked` (K, ...) in the memory layout the step reads it in."""
+        if name in self.channels_last_weights:  # (K, out, in, kh, kw), `in` innermost
+            return stacked.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+        return stacked.contiguous()
+
     # -- membership ---------------------------------------------------------------------
     def keep(self, rows: list[int]) -> None:
         """Keep only the members at `rows` (positions in the current pack)."""
         index = torch.tensor(rows, device=self.device)
         for name, p in self.params.items():
-            self.params[name] = p.detach().index_select(0, index).contiguous() \
+            self.params[name] = self._stored(name, p.detach().index_select(0, index)) \
                 .requires_grad_(True)
         for name, b in self.buffers.items():
             self.buffers[name] = b.index_select(0, index).contiguous()
@@ -253,7 +276,7 @@ class PackedNet:
         if isinstance(m, nn.Conv2d):
             w = self.params[f"{path}.weight"]
             bias = self.params.get(f"{path}.bias")
-            out = F.conv2d(h, w.reshape(k * w.shape[1], *w.shape[2:]),
+            out = F.conv2d(h, self._grouped(f"{path}.weight", w),
                            None if bias is None else bias.reshape(-1), m.stride, m.padding,
                            m.dilation, k * m.groups)
             return out, False
@@ -348,7 +371,10 @@ class PackedOptimizer:
 
         name = self.name
         if name in ("adam", "adamw"):
-            return {"exp_avg": zeros(), "exp_avg_sq": zeros(), "step": steps()}
+            # One step count for all of a member's tensors (the fused kernel only reads
+            # it): one increment per step instead of one per tensor.
+            step = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+            return {"exp_avg": zeros(), "exp_avg_sq": zeros(), "step": [step] * len(tensors)}
         if name == "rmsprop":
             momentum = float(cfg.momentum or 0.0)
             return {"square_avg": zeros(), "step": steps(),
@@ -380,7 +406,7 @@ class PackedOptimizer:
             if name in ("adam", "adamw"):
                 # What `torch.optim.adam.adam(..., fused=True)` calls, without its grouping
                 # of tensors by device and dtype (ours share both): a step counts here.
-                torch._foreach_add_(state["step"], 1)
+                state["step"][0].add_(1)
                 kernel = torch._fused_adamw_ if name == "adamw" else torch._fused_adam_
                 kernel(ps, grads, state["exp_avg"], state["exp_avg_sq"], [], state["step"],
                        amsgrad=False, lr=lr, beta1=cfg.betas[0], beta2=cfg.betas[1],
@@ -411,7 +437,7 @@ def _cosine_lr(base: float, step: int, total: int) -> float:
 # --------------------------------------------------------------------------------------
 # Host memory: keep freed pages for the next step
 # --------------------------------------------------------------------------------------
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 _tuned = False
 
 
@@ -420,7 +446,7 @@ def keep_freed_memory() -> None:
 
     A pack's activations are K times a lone trial's: tens of MB that are freed and
     allocated again every step. By default glibc hands such blocks back to the kernel
-    (mmap'd above 32 MB, the heap trimmed above 128 KB of free space at its top), and
+    (large ones mmap'd, the heap trimmed above 128 KB of free space at its top), and
     the next step pays for zeroed pages again: measured 20-40% of a packed LeNet-5 step
     on 2 CPU cores (benchmarks/packing.py). Other C libraries are left as they are."""
     global _tuned
@@ -435,7 +461,11 @@ def keep_freed_memory() -> None:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's ceiling for this setting
+    # Blocks above 32 MB (glibc's ceiling for the mmap threshold; a ConvNet pack's
+    # activations are larger) would still be mmap'd and unmapped each time: no mmap at
+    # all keeps them in the heap too (measured on 2 CPU cores: a pack of 4 default ConvNets from
+    # 0.5x to 0.94x of lone trials' speed, of 8 from 0.6x to 1.0x).
+    mallopt(_M_MMAP_MAX, 0)
     mallopt(_M_TRIM_THRESHOLD, 1 << 30)
     mallopt(_M_TOP_PAD, 64 << 20)
 
@@ -538,7 +568,9 @@ def fit_packed(models: Sequence[nn.Module], configs: Sequence[TrialConfig], data
         correct = torch.zeros(k, dtype=torch.int64, device=device)
         for start in range(0, n_train, batch_size):
             index = orders[:, start:start + batch_size]
-            x, y = train.x[index], train.y[index]  # (K, B, C, H, W), (K, B)
+            flat = index.reshape(-1)  # index_select: see `data.batches`
+            x = train.x.index_select(0, flat).view(k, -1, *train.x.shape[1:])  # (K,B,C,H,W)
+            y = train.y.index_select(0, flat).view(k, -1)  # (K, B)
             if any(_augments(m.augment) for m in active):
                 x = torch.stack([augment_batch(x[r], m.augment, generator=m.augment_rng)
                                  if _augments(m.augment) else x[r]

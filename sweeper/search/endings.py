@@ -11,7 +11,7 @@ COMPLETE in one store and FAILED in the other.
 | `TrialFailure`, `ConfigError`, out of memory | FAIL | FAILED | params |
 | a full disk | FAIL | FAILED | disk-full |
 | any other exception | FAIL | FAILED | environment |
-| Ctrl-C, SIGTERM (`KeyboardInterrupt`) | FAIL | KILLED | interrupted |
+| Ctrl-C, SIGTERM (`KeyboardInterrupt`) | FAIL | KILLED | interrupted (re-queued once) |
 """
 
 from __future__ import annotations
@@ -71,13 +71,16 @@ def ending_of(exc: BaseException, *, device: object | None = None) -> TrialEnd:
 
 
 def out_of_memory(exc: BaseException) -> bool:
-    """A device out of memory (CUDA, MPS), as torch raises it."""
+    """A device out of memory (CUDA, MPS), or the host's memory refused to torch's CPU
+    allocator (a RuntimeError "DefaultCPUAllocator: can't allocate memory")."""
     import sys
 
     torch = sys.modules.get("torch")  # no torch loaded: no torch error either
     if torch is not None and isinstance(exc, torch.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text
+                                              or "can't allocate memory" in text)
 
 
 def one_line(text: str) -> str:
@@ -98,6 +101,7 @@ class TrialOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     detail: str | None = None  # the traceback of an unexpected error, for the record
     interrupted: bool = False  # stopped by Ctrl-C or a signal, not by its config
+    retry: int | None = None  # a stopped trial's WAITING copy, trained by the next run
     # Why a FAIL happened: "params" (this config: infeasible, diverged, out of memory),
     # "environment" (anything else: the machine, the storage, a bug) or "interrupted".
     cause: str | None = None

@@ -32,7 +32,13 @@ from sweeper.errors import ConfigError, StorageError, TrialFailure
 from sweeper.fleet import heartbeat, stopping
 from sweeper.keys import ATTR_CONFIG, ATTR_HEARTBEAT, ATTR_PACK, ATTR_WORKER, Outcome
 from sweeper.search import retrying, samplers
-from sweeper.search.endings import COMPLETED, TrialEnd, TrialOutcome, ending_of
+from sweeper.search.endings import (
+    COMPLETED,
+    TrialEnd,
+    TrialOutcome,
+    ending_of,
+    out_of_memory,
+)
 from sweeper.search.queries import StudyQueries
 from sweeper.search.storage import rdb_of
 from sweeper.spec import space
@@ -122,15 +128,13 @@ def run_pack(worker: Any, study: optuna.Study, room: int) -> list[TrialOutcome]:
         for slot in alone:
             outcomes.append(_alone(worker, study, slot))
     except KeyboardInterrupt as stop:  # every member not yet told is told now
-        ended = [f"#{o.number}" for o in outcomes if o.interrupted]
+        ended = [o for o in outcomes if o.interrupted]
         for slot in [*slots, *alone]:
             if not slot.done:
                 slot.outcome.ended(ending_of(stop))
-                _end(worker, study, slot, stop)
-                ended.append(f"#{slot.trial.number}")
+                ended.append(_end(worker, study, slot, stop))
         if not getattr(stop, "recorded", None):
-            stop.recorded = (  # type: ignore[attr-defined]
-                f"the running trials were recorded as FAIL ({', '.join(ended)})")
+            stop.recorded = stopped_words(ended)  # type: ignore[attr-defined]
         raise
     except BaseException:
         # An outage while the pack was formed: members not yet told stop beating, and
@@ -140,6 +144,14 @@ def run_pack(worker: Any, study: optuna.Study, room: int) -> list[TrialOutcome]:
                 slot.beat.close()
         raise
     return sorted(outcomes, key=lambda o: o.number)
+
+
+def stopped_words(ended: list[TrialOutcome]) -> str:
+    """What the CLI says of the members a stop ended: recorded, and re-queued."""
+    words = (f"the running trials were recorded as FAIL "
+             f"({', '.join(f'#{o.number}' for o in ended)})")
+    retries = [f"#{o.retry}" for o in ended if o.retry is not None]
+    return words + (f" and re-queued ({', '.join(retries)})" if retries else "")
 
 
 def _open(worker: Any, study: optuna.Study, trial: optuna.Trial) -> _Slot:
@@ -207,6 +219,7 @@ def _train(worker: Any, study: optuna.Study, slots: list[_Slot]) -> list[TrialOu
     together, and end each as it leaves."""
     import optuna
 
+    from sweeper.ml.device import free_device_memory
     from sweeper.ml.models import build_model
     from sweeper.ml.packing import MemberResult, fit_packed
     from sweeper.ml.train import seed_everything
@@ -229,18 +242,47 @@ def _train(worker: Any, study: optuna.Study, slots: list[_Slot]) -> list[TrialOu
             slot.model = build_model(slot.config.model, data.input_shape, data.num_classes,
                                      data_dir=worker.options.data_dir)
 
-        def on_epoch(index: int, epoch: int, metrics: dict[str, float]) -> bool:
-            return hooks[index](epoch, metrics)
+        def fit_group(group: list[int]) -> None:
+            """Train the members at `group` as one pack. A pack that runs out of memory
+            before any member finished an epoch has told nothing and changed no model
+            (the pack trains copies of their weights): it is split in two halves, each
+            trained in turn, so the members still train exactly as they would alone."""
+            reported = False
 
-        def on_leave(member: MemberResult) -> None:
-            slot = slots[member.index]
-            with stopping.deferred():
-                _finish(worker, slot, member, optuna.TrialPruned)
-            outcomes[member.index] = _end(worker, study, slot)
+            def on_epoch(position: int, epoch: int, metrics: dict[str, float]) -> bool:
+                nonlocal reported
+                reported = True
+                return hooks[group[position]](epoch, metrics)
 
-        with stopping.interruptible():
-            fit_packed([s.model for s in slots], configs,  # type: ignore[arg-type]
-                       data, device=worker.device, on_epoch=on_epoch, on_leave=on_leave)
+            def on_leave(member: MemberResult) -> None:
+                index = group[member.index]
+                slot = slots[index]
+                with stopping.deferred():
+                    _finish(worker, slot, member, optuna.TrialPruned)
+                outcomes[index] = _end(worker, study, slot)
+
+            try:
+                with stopping.interruptible():
+                    fit_packed([slots[i].model for i in group],
+                               [configs[i] for i in group],  # type: ignore[misc]
+                               data, device=worker.device, on_epoch=on_epoch,
+                               on_leave=on_leave)
+                return
+            except Exception as exc:
+                if reported or len(group) == 1 or not out_of_memory(exc):
+                    raise
+            # Out of the `except` block: the error's traceback, and with it the failed
+            # pack's tensors, are gone before the halves allocate theirs.
+            free_device_memory(worker.device)
+            half = (len(group) + 1) // 2
+            log.warning("a pack of %d trials (%s) did not fit in memory on %s; "
+                        "training them in packs of %d and %d", len(group),
+                        ", ".join(f"#{slots[i].trial.number}" for i in group),
+                        worker.device, half, len(group) - half)
+            fit_group(group[:half])
+            fit_group(group[half:])
+
+        fit_group(list(range(len(slots))))
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (see `stopping`)
         ended = []
         for i, slot in enumerate(slots):
@@ -248,9 +290,8 @@ def _train(worker: Any, study: optuna.Study, slots: list[_Slot]) -> list[TrialOu
                 continue
             slot.outcome.ended(ending_of(stop))
             outcomes[i] = _end(worker, study, slot, stop)
-            ended.append(f"#{slot.trial.number}")
-        stop.recorded = (  # type: ignore[attr-defined]
-            f"the running trials were recorded as FAIL ({', '.join(ended)})")
+            ended.append(outcomes[i])
+        stop.recorded = stopped_words(ended)  # type: ignore[attr-defined]
         raise
     except Exception as exc:  # the pack's step failed: every member still in it fails
         end = ending_of(exc, device=worker.device)
@@ -263,8 +304,6 @@ def _train(worker: Any, study: optuna.Study, slots: list[_Slot]) -> list[TrialOu
     finally:
         for slot in slots:
             slot.model = None
-        from sweeper.ml.device import free_device_memory
-
         free_device_memory(worker.device)
     return [outcomes[i] for i in sorted(outcomes)]
 

@@ -414,7 +414,9 @@ class Worker:
             with stopping.deferred():
                 self._tell(study, trial, outcome)
             stop.recorded = (  # type: ignore[attr-defined]
-                f"the running trial was recorded as {outcome.state} (#{trial.number})")
+                f"the running trial was recorded as {outcome.state} (#{trial.number})"
+                + (f" and re-queued as #{outcome.retry}" if outcome.retry is not None
+                   else ""))
             raise
         except Exception as exc:  # any error fails this trial, never the study
             outcome.ended(ending_of(exc, device=self.device))
@@ -583,6 +585,15 @@ class Worker:
             outcome.state = Outcome(stored.state.name)
             outcome.reason = f"taken back: {taken}"
             outcome.cause = "taken-back"
+        elif outcome.interrupted and stored.state == TrialState.FAIL:
+            # Stopped by a person or a scheduler, not by its params: the next run trains
+            # it again first (once, as a lost trial), and the copy stands in for it in the
+            # budget.
+            try:  # not retried: a create that landed but whose answer was lost would
+                # queue two copies
+                outcome.retry = heartbeat.requeue(study, stored)
+            except Exception as exc:  # the FAIL is recorded; the copy is a convenience
+                log.warning("trial %d: could not re-queue it: %s", trial.number, exc)
         if self.tracker is not None:
             self.tracker.trial_ended(study, outcome)
 

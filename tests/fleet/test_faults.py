@@ -128,9 +128,10 @@ def test_a_fast_beating_worker_leaves_a_slow_beating_workers_trial_alone(tmp_pat
         slow.send_signal(signal.SIGTERM)
     code, out, err = finish(slow, timeout=120)
     assert code == 143, out + err
-    (trial,) = trials_of(storage, "beats2")
+    trial, retry = trials_of(storage, "beats2")
     assert trial.state == TrialState.FAIL
     assert trial.user_attrs["fail_reason"] == "terminated (SIGTERM)"
+    assert retry.state == TrialState.WAITING and retry.user_attrs["retry_of"] == trial.number
 
 
 # --------------------------------------------------------------------------------------

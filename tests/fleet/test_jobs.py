@@ -113,7 +113,7 @@ def test_four_local_workers_share_the_default_stores_without_errors(tmp_path: Pa
                                     cwd=tmp_path))
     assert code == 0, out + err
     assert "local4: 80 trials, 4 workers, 1 epochs each" in err
-    for bad in ("locked", "warning", "error", "could not", "Traceback"):
+    for bad in ("locked", "warning", "error", "could not", "traceback"):
         assert bad not in err.lower() and bad not in out.lower(), err
     study = optuna.load_study(study_name="local4",
                               storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")

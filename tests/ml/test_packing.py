@@ -180,3 +180,31 @@ def test_pack_size_is_what_fits_in_memory(data: Dataset) -> None:
     assert pack_size(1, config, data.input_shape, data.num_classes, CPU) == 1
     huge = _config({"arch": "mlp", "hidden": [8192, 8192, 8192]}, {"batch_size": 65536})
     assert pack_size(8, huge, data.input_shape, data.num_classes, CPU) < 8
+
+
+def test_a_packed_convnet_runs_channels_last_from_its_first_layer(data: Dataset) -> None:
+    """oneDNN picks a convolution's layout from its weight: a first layer of one input
+    channel must still look channels_last, or the whole packed network runs NCHW (3-10x
+    slower convolutions and pools on the CPU than the lone model `train.fit` runs)."""
+    from sweeper.ml.packing import PackedNet, _template
+
+    config = _config({"arch": "cnn", "channels": [8, 16]}, {})
+    models = [_build(data, config) for _ in range(2)]
+    template = _template(config.model, data.input_shape, data.num_classes)
+    net = PackedNet(template, models, [0.0, 0.0], [torch.Generator(), torch.Generator()],
+                    CPU, channels_last=True)
+    for name in ("conv1.weight", "conv2.weight"):
+        grouped = net._grouped(name, net.params[name])
+        assert grouped.stride()[1] == 1, (name, grouped.stride())
+        out = torch.nn.functional.conv2d(
+            torch.zeros(4, grouped.shape[1] * 2, 16, 16).contiguous(
+                memory_format=torch.channels_last), grouped, groups=2)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    images = data.train.x[:8]
+    assert images.shape[1] == 1  # one input channel: the case that went NCHW
+    logits = net(images)
+    for row, model in enumerate(models):
+        model.eval()
+        net.training = False
+        assert torch.allclose(net(images)[row], model(images), atol=1e-5)
+    assert logits.shape == (2, 8, data.num_classes)

@@ -157,11 +157,27 @@ def test_interrupt_ends_running_trial_as_fail(storage: str) -> None:
         if event == "epoch":
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         run_study(spec_of(), RunOptions(storage=storage, device="cpu"), progress=interrupt)
-    (trial,) = optuna.load_study(study_name="syn", storage=storage).trials
+    assert stopped.value.recorded == (  # type: ignore[attr-defined]
+        "the running trial was recorded as FAIL (#0) and re-queued as #1")
+    trial, retry = optuna.load_study(study_name="syn", storage=storage).trials
     assert trial.state == TrialState.FAIL
     assert trial.user_attrs["fail_reason"] == "interrupted"
+    # Stopped by a person, not by its params: queued once, with the same params.
+    assert retry.state == TrialState.WAITING
+    assert retry.user_attrs["retry_of"] == 0 and retry.params == trial.params
+    # Stopped again, the retry is not queued a second time; the next run trains the
+    # budget's other trials.
+    with pytest.raises(KeyboardInterrupt) as again:
+        run_study(spec_of(), RunOptions(storage=storage, device="cpu"), progress=interrupt)
+    assert again.value.recorded == (  # type: ignore[attr-defined]
+        "the running trial was recorded as FAIL (#1)")
+    report = run_study(spec_of(), RunOptions(storage=storage, device="cpu"))
+    study = optuna.load_study(study_name="syn", storage=storage)
+    assert states(study)[:2] == ["FAIL", "FAIL"]
+    assert "WAITING" not in states(study)
+    assert len(report.outcomes) == spec_of().budget.trials - 1  # the retry stands in for #0
 
 
 def test_changed_objective_direction_is_refused(storage: str) -> None:

@@ -478,8 +478,9 @@ def test_interrupted_trial_leaves_no_running_run(mlflow_url: str, storage: str) 
     with pytest.raises(KeyboardInterrupt):
         run_study(spec_of("interrupted"), RunOptions(storage=storage, device="cpu"),
                   tracker=MlflowTracker(mlflow_url), progress=interrupt)
-    (trial,) = optuna.load_study(study_name="interrupted", storage=storage).trials
+    trial, retry = optuna.load_study(study_name="interrupted", storage=storage).trials
     assert trial.state == TrialState.FAIL
+    assert retry.state == TrialState.WAITING  # queued for the next run, no run of its own
     parent, (run,) = runs_of(MlflowClient(mlflow_url), "interrupted")
     assert run.info.status in ("KILLED", "FAILED")
     assert run.data.tags["sweeper.reason"] == "interrupted"
