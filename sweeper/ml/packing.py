@@ -437,7 +437,7 @@ def _cosine_lr(base: float, step: int, total: int) -> float:
 # --------------------------------------------------------------------------------------
 # Host memory: keep freed pages for the next step
 # --------------------------------------------------------------------------------------
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # mallopt's parameters
 _tuned = False
 
 
@@ -463,8 +463,8 @@ def keep_freed_memory() -> None:
         return
     # Blocks above 32 MB (glibc's ceiling for the mmap threshold; a ConvNet pack's
     # activations are larger) would still be mmap'd and unmapped each time: no mmap at
-    # all keeps them in the heap too (measured on 2 CPU cores: a pack of 4 default ConvNets from
-    # 0.5x to 0.94x of lone trials' speed, of 8 from 0.6x to 1.0x).
+    # all keeps them in the heap too (measured on 2 CPU cores: a pack of 4 default
+    # ConvNets from 0.5x to 0.94x of lone trials' speed, of 8 from 0.6x to 1.0x).
     mallopt(_M_MMAP_MAX, 0)
     mallopt(_M_TRIM_THRESHOLD, 1 << 30)
     mallopt(_M_TOP_PAD, 64 << 20)
