@@ -66,6 +66,7 @@ TAG_TORCH_VERSION = "sweeper.torch_version"
 TAG_WORKER = "sweeper.worker"
 TAG_VALUE = "sweeper.value"  # on a registered model version: the objective it reached
 TAG_MEMBERS = "sweeper.members"  # on an ensemble run: the trials that voted
+TAG_PACK = "sweeper.pack"  # with `pack: K`: the trials that trained together, "0,1,2,3"
 
 # --- Reasons ------------------------------------------------------------------------------
 LOST_REASON = "worker lost"  # the start of the reason a lost trial fails with

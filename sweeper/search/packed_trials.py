@@ -237,6 +237,7 @@ def _train(worker: Any, study: optuna.Study, slots: list[_Slot]) -> list[TrialOu
             slot.run = slot.run_context.__enter__()
             if slot.run is not None and hasattr(slot.run, "log_data"):
                 slot.run.log_data(data)  # the dataset as the run's input, as alone
+                slot.run.log_pack([s.trial.number for s in slots])
             hooks.append(worker.epoch_hook(slot.trial, slot.config, slot.run))
             seed_everything(slot.config.train.seed)  # its initial weights, as alone
             slot.model = build_model(slot.config.model, data.input_shape, data.num_classes,

@@ -30,6 +30,7 @@ from sweeper.keys import (
     TAG_DEVICE,
     TAG_EPOCHS_RUN,
     TAG_NOTE,
+    TAG_PACK,
     TAG_PARENT,
     TAG_PRUNER,
     TAG_REASON,
@@ -275,6 +276,14 @@ class TrialRun:
         if entry is not None:
             self._queue("log the dataset input", self.tracker.client.log_inputs, self.run_id,
                         datasets=[entry])
+
+    def log_pack(self, numbers: list[int]) -> None:
+        """The trials this one trained with (`pack: K`), as a tag to filter runs by
+        (queued)."""
+        if not self.live:
+            return
+        self._queue("tag the pack", self.tracker.client.set_tag, self.run_id, TAG_PACK,
+                    ",".join(str(n) for n in numbers))
 
     # -- the TrialRun protocol -------------------------------------------------------------
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:

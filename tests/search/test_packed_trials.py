@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from sweeper.keys import ATTR_CONFIG, ATTR_METRICS, ATTR_PACK, trial_record
+from sweeper.keys import ATTR_CONFIG, ATTR_METRICS, ATTR_PACK, TAG_PACK, trial_record
 from sweeper.ml.data import load_dataset
 from sweeper.ml.metrics import evaluate
 from sweeper.ml.models import build_model
@@ -67,6 +67,7 @@ def test_a_packed_study_keeps_each_trial_a_trial(tmp_path: Path) -> None:
     for trial in trials:
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         assert run.info.status == "FINISHED"
+        assert run.data.tags[TAG_PACK] == ",".join(map(str, trial.user_attrs[ATTR_PACK]))
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert [m.step for m in history] == [1, 2]
         assert run.data.metrics["test_accuracy"] == pytest.approx(
