@@ -659,13 +659,5 @@ def _on_device(split: Split, device: torch.device) -> Split:
     return replace(split, x=split.x.to(device), y=split.y.to(device))
 
 
-def describe_memory(config: TrialConfig, input_shape: tuple[int, int, int], num_classes: int,
-                    device: torch.device) -> dict[str, Any]:
-    """The numbers `pack_size` decides on, for messages and benchmarks."""
-    return {"member_bytes": member_bytes(config, input_shape, num_classes),
-            "free_bytes": free_memory(device), "share": MEMORY_SHARE}
-
-
 __all__ = ["MEMBER_KEYS", "MemberResult", "PackedNet", "PackedOptimizer", "cross_entropy_sum",
-           "describe_memory", "fit_packed", "member_bytes", "pack_key", "pack_size",
-           "packable"]
+           "fit_packed", "member_bytes", "pack_key", "pack_size", "packable"]

@@ -202,9 +202,8 @@ def test_a_packed_convnet_runs_channels_last_from_its_first_layer(data: Dataset)
         assert out.is_contiguous(memory_format=torch.channels_last)
     images = data.train.x[:8]
     assert images.shape[1] == 1  # one input channel: the case that went NCHW
+    net.training = False
     logits = net(images)
     for row, model in enumerate(models):
-        model.eval()
-        net.training = False
-        assert torch.allclose(net(images)[row], model(images), atol=1e-5)
+        assert torch.allclose(logits[row], model.eval()(images), atol=1e-5)
     assert logits.shape == (2, 8, data.num_classes)
