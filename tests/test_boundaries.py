@@ -45,7 +45,7 @@ FOLDERS: dict[str, tuple[tuple[str, ...], set[str]]] = {
                 "endings", "stopping_rules", "study", "packed_trials"),
                {"mlflow", "plotly"} | inner("tracking", "results", "render", "cli")),
     # Many workers: no training, no MLflow internals.
-    "fleet": (("__init__", "heartbeat", "jobs", "reap", "stopping"),
+    "fleet": (("__init__", "heartbeat", "jobs", "liveness", "reap", "stopping"),
               {"mlflow", "plotly"}
               | inner("ml.train", "ml.models", "ml.metrics", "render", "cli")),
     # The only code that imports mlflow; no training details.

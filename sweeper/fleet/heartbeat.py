@@ -65,7 +65,10 @@ class HeartbeatSettings:
 
     def of(self, trial: RunningTrial) -> HeartbeatSettings:
         """The settings the trial's own worker recorded (see `ATTR_HEARTBEAT`), else these."""
-        recorded = trial.heartbeat
+        return self.recorded(trial.heartbeat)
+
+    def recorded(self, recorded: Any) -> HeartbeatSettings:
+        """The settings in a trial's `ATTR_HEARTBEAT`, else these."""
         if not recorded:
             return self
         try:
@@ -83,12 +86,26 @@ class HeartbeatSettings:
 @contextmanager
 def beating(storage: optuna.storages.BaseStorage, trial_id: int,
             settings: HeartbeatSettings) -> Iterator[None]:
-    """Record the trial's heartbeat now and every `interval_s` until the block ends. A
-    failed beat is logged and retried at the next one: a database blip must not end a
-    trial that is training fine."""
+    """Record the trial's heartbeat now and every `interval_s` until the block ends (see
+    `start_beating`)."""
+    stop = start_beating(storage, trial_id, settings)
+    try:
+        yield
+    finally:
+        stop()
+
+
+def start_beating(storage: optuna.storages.BaseStorage, trial_id: int,
+                  settings: HeartbeatSettings, *, now: bool = True) -> Callable[[], None]:
+    """Record the trial's heartbeat now (unless not `now`: it beat lately) and every
+    `interval_s` (a thread) until the returned function is called (from any thread, any
+    number of times). A failed beat is logged and retried at the next one: a database
+    blip must not end a trial that is training fine."""
     stop = threading.Event()
 
     def beat() -> None:
+        if not now and stop.wait(settings.interval_s):
+            return
         while True:
             try:
                 storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
@@ -101,11 +118,13 @@ def beating(storage: optuna.storages.BaseStorage, trial_id: int,
     thread = threading.Thread(target=beat, name=f"sweeper-heartbeat-{trial_id}",
                               daemon=True)
     thread.start()
-    try:
-        yield
-    finally:
+
+    def stop_beating() -> None:
         stop.set()
-        thread.join(timeout=10)
+        if thread is not threading.current_thread():
+            thread.join(timeout=10)
+
+    return stop_beating
 
 
 LostCallback = Callable[["optuna.Study", "optuna.trial.FrozenTrial", str], None]

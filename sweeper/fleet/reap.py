@@ -4,7 +4,8 @@ Workers take back each other's lost trials as they go (`heartbeat`); this is for
 running worker is left to see: the last worker died, or a study ran before a crash and
 nobody resumed it. In Optuna, every RUNNING trial silent for the grace period (every
 RUNNING one with `everything`) ends FAIL "worker lost" and is re-queued once. In MLflow,
-every RUNNING trial run whose trial no longer runs ends with the status its state maps to,
+every RUNNING trial run whose trial no longer runs ends with the status its state maps to
+(unless the worker that finished the trial is alive and still writing the run: `liveness`),
 the parent run ends once no trial of the study runs, and a finished trial that has no run
 (MLflow was away) or whose run lacks its summary metrics (a worker killed while they were
 queued) gets them from Optuna's record.
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sweeper.fleet import liveness
 from sweeper.fleet.heartbeat import HeartbeatSettings, fail_lost_trials
 from sweeper.keys import ATTR_EXPERIMENT, ATTR_PARENT_RUN, ATTR_REASON
 from sweeper.search.queries import StudyQueries
@@ -77,14 +79,20 @@ def reap(study_name: str, *, storage: str | None = None, tracking_uri: str | Non
 
     trials = study.get_trials(deepcopy=False)
     client = TrackingReader(tracking_uri).client
+    # A live worker still writing a finished trial's run ends and completes it itself
+    # (`liveness`), unless the caller says every worker is gone.
+    ending = set() if everything else liveness.still_ending(
+        study, trials, default=settings, override=grace_s is not None)
     report.runs = reap_runs(
         client, experiment_id,
         trial_states={t.number: t.state.name for t in trials},
         reasons={t.number: str(t.user_attrs[ATTR_REASON]) for t in trials
                  if t.user_attrs.get(ATTR_REASON)},
-        parent_run_id=study.user_attrs.get(ATTR_PARENT_RUN), study_running=bool(running))
+        parent_run_id=study.user_attrs.get(ATTR_PARENT_RUN), study_running=bool(running),
+        still_ending=ending)
     # What MLflow missed while it was away, or while a killed worker's uploads waited.
     report.runs += fill_in_runs(client, experiment_id, study.study_name,
-                                study.user_attrs.get(ATTR_PARENT_RUN), trials,
+                                study.user_attrs.get(ATTR_PARENT_RUN),
+                                [t for t in trials if t.number not in ending],
                                 objectives=study.metric_names or ())
     return report

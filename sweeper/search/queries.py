@@ -145,6 +145,25 @@ class StudyQueries:
                                     last_beat is not None, _json_or_none(settings)))
         return out
 
+    @_retried
+    def silences(self, trial_ids: Sequence[int]) -> dict[int, float]:
+        """Seconds since each trial's last heartbeat, by the database's clock, for those of
+        `trial_ids` (in any state) that ever beat."""
+        import sqlalchemy
+        from optuna.storages._rdb import models
+
+        beat = models.TrialHeartbeatModel
+        if not trial_ids:
+            return {}
+        with self._session() as session:
+            db_now = session.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar()
+            rows = (session.query(beat.trial_id, beat.heartbeat)
+                    .filter(beat.trial_id.in_(list(trial_ids))).all())
+        now = _naive(db_now) if db_now is not None else datetime.now(timezone.utc).replace(
+            tzinfo=None)
+        return {int(trial_id): max((now - _naive(last)).total_seconds(), 0.0)
+                for trial_id, last in rows if last is not None}
+
     def trial_ids(self, *, states: Sequence[str] | None = None, by_value: bool = False,
                   descending: bool = False, limit: int | None = None) -> list[int]:
         """Trial ids in order of trial number, or of the first objective (`by_value`:

@@ -107,6 +107,10 @@ class StudyTracker(Protocol):
         """Another worker's trial was found lost (see `heartbeat`): end its run."""
         ...
 
+    def after_writes(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once every write queued so far has been made (or at once)."""
+        ...
+
     def end_study(self, study: optuna.Study, *, interrupted: bool) -> None: ...
 
 
@@ -236,6 +240,8 @@ class Worker:
         self.progress = progress or (lambda event, info: None)
         self.objective: Objective = objective or Worker.train
         self.stop = StopPolicy(options.more_trials, options.heartbeat)
+        # Heartbeats of finished trials whose runs are still being written (`_tell`).
+        self._ending_beats: list[Callable[[], None]] = []
 
     # -- data ---------------------------------------------------------------------------
     def dataset(self, cfg: DatasetConfig) -> Dataset:
@@ -317,7 +323,12 @@ class Worker:
         finally:
             if self.tracker is not None:
                 stopping.checkpoint("in-end-study")
-                self.tracker.end_study(study, interrupted=stopped_by == "interrupted")
+                try:
+                    self.tracker.end_study(study, interrupted=stopped_by == "interrupted")
+                finally:
+                    for stop_beating in self._ending_beats:  # written, or given up
+                        stop_beating()
+                    self._ending_beats.clear()
             self.progress("end", {"study": study, "stopped_by": stopped_by})
         if stopped_by == "disk-full":
             raise DiskFull(f"{message}; free some space and run again (the study resumes)")
@@ -596,6 +607,13 @@ class Worker:
                 log.warning("trial %d: could not re-queue it: %s", trial.number, exc)
         if self.tracker is not None:
             self.tracker.trial_ended(study, outcome)
+            # The run ends once its queued uploads are written. Until then the trial keeps
+            # beating, so that no other worker takes the run for one whose worker died
+            # mid-upload (`fleet.liveness`).
+            stop_beating = heartbeat.start_beating(storage, trial._trial_id,
+                                                   self.options.heartbeat, now=False)
+            self._ending_beats.append(stop_beating)
+            self.tracker.after_writes(stop_beating)
 
 
 def _is_summary_metric(key: str) -> bool:

@@ -84,6 +84,14 @@ class CallGuard:
         if not self.disabled:
             self._queued.append(self.submit(self.call, what, fn, *args, **kwargs))
 
+    def after_writes(self, fn: Callable[[], None]) -> None:
+        """Call `fn` on the background thread once every call queued so far has run; now,
+        when nothing runs there or tracking is off."""
+        if self.disabled or self._executor is None:
+            fn()
+        else:
+            self.submit(fn)
+
     def wait_queued(self) -> None:
         """Block until every background call queued so far has run."""
         queued, self._queued = self._queued, []

@@ -74,13 +74,16 @@ def end_lost_run(client: MlflowClient, run_id: str, reason: str) -> bool:
 def reap_runs(client: MlflowClient, experiment_id: str, *,
               trial_states: Mapping[int, str], reasons: Mapping[int, str],
               parent_run_id: str | None, study_running: bool,
-              only_trials: Collection[int] | None = None) -> list[EndedRun]:
+              only_trials: Collection[int] | None = None,
+              still_ending: Collection[int] = ()) -> list[EndedRun]:
     """End the experiment's RUNNING runs whose trial is not RUNNING in Optuna (with the
     status its state maps to), and the parent run once no trial of the study runs.
 
     `only_trials`: look at the runs of these trials only. A caller whose `trial_states` is a
     snapshot taken while other workers run passes the trials it looked up, so that a run
-    opened after the snapshot (its trial asked since) is not taken for an orphan."""
+    opened after the snapshot (its trial asked since) is not taken for an orphan.
+    `still_ending`: finished trials whose worker is alive and still ending their run
+    (`fleet.liveness`): left to it."""
     runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
                               max_results=5000)
     ended: list[EndedRun] = []
@@ -92,7 +95,7 @@ def reap_runs(client: MlflowClient, experiment_id: str, *,
             if only_trials is not None and number not in only_trials:
                 continue
             state = trial_states.get(number)
-            if state == "RUNNING":
+            if state == "RUNNING" or number in still_ending:
                 continue  # its worker is alive: the run is its to end
             if state is None or state == "WAITING":
                 state, reason = "FAIL", "no such trial in the Optuna study"

@@ -228,6 +228,7 @@ class MlflowTracker(CallGuard):
     def _end_orphans(self, study: optuna.Study) -> None:
         """End the runs left RUNNING for trials Optuna has finished (their worker was
         killed with the run's end still queued), with the trial's state."""
+        from sweeper.fleet import liveness
         from sweeper.tracking.repair import reap_runs
 
         assert self.experiment_id is not None
@@ -239,21 +240,22 @@ class MlflowTracker(CallGuard):
         if not numbers:
             return
         storage = study._storage
-        states: dict[int, str] = {}
-        reasons: dict[int, str] = {}
+        trials = []
         for number in numbers:
             try:
-                trial = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(
-                    study._study_id, number))
+                trials.append(storage.get_trial(
+                    storage.get_trial_id_from_study_id_trial_number(study._study_id, number)))
             except KeyError:
                 continue
-            states[number] = trial.state.name
-            if trial.user_attrs.get(ATTR_REASON):
-                reasons[number] = str(trial.user_attrs[ATTR_REASON])
-        # Only the runs looked up here: another worker may have opened one since.
+        states = {t.number: t.state.name for t in trials}
+        reasons = {t.number: str(t.user_attrs[ATTR_REASON]) for t in trials
+                   if t.user_attrs.get(ATTR_REASON)}
+        # Only the runs looked up here: another worker may have opened one since. A run
+        # whose worker has told Optuna but is still writing it is that worker's to end.
         for ended in reap_runs(self.client, self.experiment_id, trial_states=states,
                                reasons=reasons, parent_run_id=None, study_running=True,
-                               only_trials=set(states)):
+                               only_trials=set(states),
+                               still_ending=liveness.still_ending(study, trials)):
             log.warning("ended run %s left RUNNING by a worker that stopped: %s (%s)",
                         ended.name, ended.status, ended.reason)
 
@@ -329,13 +331,12 @@ class MlflowTracker(CallGuard):
 
     def _describe_parent(self, parent: Run, spec: StudySpec) -> None:
         """Params (settings of the search), tags and the study file, on the parent run."""
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import RunTag
 
         wanted = _study_params(spec)
-        existing = parent.data.params
+        existing = self._log_new_params(parent, wanted)
         # Params cannot change in MLflow: a resumed study with an edited file keeps the
         # first values as params and records the edited ones in a tag.
-        new = {k: v for k, v in wanted.items() if k not in existing}
         changed = sorted(k for k, v in wanted.items() if k in existing and existing[k] != v)
         tags = {TAG_STUDY: spec.name, TAG_ROLE: "parent",
                 TAG_SAMPLER: spec.sampler.name, TAG_PRUNER: spec.pruner.name,
@@ -346,11 +347,8 @@ class MlflowTracker(CallGuard):
         if changed:
             tags[TAG_CHANGED_SETTINGS] = ", ".join(
                 f"{k}={wanted[k]}" for k in changed)[:REASON_MAX_CHARS]
-        params = [Param(k, v) for k, v in new.items()]
-        tag_list = [RunTag(k, v) for k, v in tags.items()]
-        for chunk in chunks(params, 100):
-            self.client.log_batch(parent.info.run_id, params=chunk)
-        self.client.log_batch(parent.info.run_id, tags=tag_list)
+        self.client.log_batch(parent.info.run_id,
+                              tags=[RunTag(k, v) for k, v in tags.items()])
         with tempfile.TemporaryDirectory(prefix="sweeper-study-") as tmp:
             target = Path(tmp, "study.yaml")
             source = Path(spec.source) if spec.source else None
@@ -362,6 +360,26 @@ class MlflowTracker(CallGuard):
                 target.write_text(yaml.safe_dump(spec.model_dump(mode="json"),
                                                  sort_keys=False))
             self.client.log_artifacts(parent.info.run_id, tmp)
+
+    def _log_new_params(self, parent: Run, wanted: dict[str, str]) -> dict[str, str]:
+        """Log those of `wanted` the parent run lacks; return the params it had before.
+        Workers that start together describe the same parent at once: one that finds a
+        param written since it looked (a unique-key error) looks again."""
+        from mlflow.entities import Param
+
+        existing = parent.data.params
+        for attempt in range(3):
+            new = [Param(k, v) for k, v in wanted.items() if k not in existing]
+            try:
+                for chunk in chunks(new, 100):
+                    self.client.log_batch(parent.info.run_id, params=chunk)
+                return existing
+            except Exception:
+                if attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+                existing = self.client.get_run(parent.info.run_id).data.params
+        return existing
 
     # -- one trial --------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -394,6 +394,34 @@ def test_workers_starting_together_share_one_parent(mlflow_url: str, storage: st
     assert parent.info.run_id == trackers[0].parent_run_id
 
 
+def test_a_worker_describing_the_parent_after_another_keeps_the_first_values(
+        tmp_path: Path, storage: str) -> None:
+    """Two workers start together: both read the parent run without params, the other
+    writes them first (here with a value this worker's file changed). This worker reads
+    them again, adds nothing twice and records its change in a tag."""
+    from sweeper.keys import TAG_CHANGED_SETTINGS
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = spec_of("described", models="none")
+    tracker = MlflowTracker(tracking)
+    tracker.start_study(open_or_create(spec, storage)[0], spec)
+    tracker.wait_queued()  # the parent is described on the upload thread
+    client = MlflowClient(tracking)
+    parent = client.get_run(tracker.parent_run_id)
+    assert parent.data.params["budget.trials"] == "3"
+    stale = client.create_run(parent.info.experiment_id, run_name="described")
+    client.log_batch(stale.info.run_id, params=[
+        mlflow.entities.Param(k, v) for k, v in parent.data.params.items()
+        if k != "budget.trials"] + [mlflow.entities.Param("budget.trials", "99")])
+
+    tracker._describe_parent(stale, spec)  # `stale` still shows no params
+
+    described = client.get_run(stale.info.run_id)
+    assert described.data.params == {**parent.data.params, "budget.trials": "99"}
+    assert described.data.tags[TAG_CHANGED_SETTINGS] == (
+        f"budget.trials={parent.data.params['budget.trials']}")
+
+
 def test_local_default_store_needs_no_server(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
