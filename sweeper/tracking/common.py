@@ -12,7 +12,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +32,30 @@ HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
 }
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+
+# What a store says when another writer inserted the same unique row a moment earlier:
+# SQLite, PostgreSQL, MySQL, and the server's text of either over HTTP.
+_UNIQUE_CONFLICT = ("UNIQUE constraint failed", "duplicate key value violates unique",
+                    "Duplicate entry")
+
+
+def is_unique_conflict(exc: BaseException) -> bool:
+    return any(words in str(exc) for words in _UNIQUE_CONFLICT)
+
+
+def racing(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)`, tried again (twice, after a pause) when it fails on a unique
+    key that another worker inserted at the same moment (workers that start together log
+    the same dataset): the row is there by then, and MLflow reuses it."""
+    for attempt in range(3):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if attempt == 2 or not is_unique_conflict(exc):
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
+
 
 def chunks(items: list[T], size: int) -> Iterator[list[T]]:
     for start in range(0, len(items), size):

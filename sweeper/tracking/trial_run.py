@@ -58,6 +58,7 @@ from sweeper.tracking.common import (
     now_ms,
     param_value,
     per_class_keys,
+    racing,
     requirements,
     truncate,
     write_confusion_csv,
@@ -274,8 +275,8 @@ class TrialRun:
         with self.tracker.timed("trial.input"):
             entry = self._call("describe the dataset", dataset_input, data, self.config)
         if entry is not None:
-            self._queue("log the dataset input", self.tracker.client.log_inputs, self.run_id,
-                        datasets=[entry])
+            self._queue("log the dataset input", racing, self.tracker.client.log_inputs,
+                        self.run_id, datasets=[entry])
 
     def log_pack(self, numbers: list[int]) -> None:
         """The trials this one trained with (`pack: K`), as a tag to filter runs by
