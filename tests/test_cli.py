@@ -168,6 +168,7 @@ def test_storage_from_environment(study_file: Path, storage: str) -> None:
     assert optuna.get_all_study_names(storage) == ["tiny"]
 
 
+@pytest.mark.slow  # a real process, Ctrl-C mid-trial: 9 s
 def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path: Path, storage: str) -> None:
     path = tmp_path / "slow.yaml"
     path.write_text(TINY.replace("budget: {trials: 2, epochs: 1}",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,20 +15,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import optuna
 import pytest
 from mlflow import MlflowClient
 from mlflow_server import PG_ADMIN, MlflowServer, postgres_database
 from optuna.trial import TrialState
+from processes import assert_agree, env, finish, sweeper, trials_of, wait_until
 
 from studies import tiny_study
 from sweeper.keys import ATTR_CONFIG
 from sweeper.search.storage import open_storage
 
 pytestmark = pytest.mark.slow
-
-STATUS = {"COMPLETE": {"FINISHED"}, "PRUNED": {"KILLED"}, "FAIL": {"FAILED", "KILLED"}}
-
 
 def study_file(root: Path, name: str, *, trials: int, epochs: int = 1,
                train: int = 64) -> Path:
@@ -38,67 +34,6 @@ def study_file(root: Path, name: str, *, trials: int, epochs: int = 1,
                                hidden="[8]", train_block="batch_size: 32"))
     return path
 
-
-def env(**extra: str) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items()
-           if k not in ("SWEEPER_STORAGE", "MLFLOW_TRACKING_URI")}
-    out.update(extra)
-    return out
-
-
-def sweeper(*args: str, cwd: Path, **extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "sweeper.cli", *args], cwd=cwd,
-                            env=env(**extra), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def finish(process: subprocess.Popen[str], timeout: float = 600) -> tuple[int, str, str]:
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, err = process.communicate()
-        raise AssertionError(f"sweeper did not finish:\n{out}\n{err}") from None
-    return process.returncode, out, err
-
-
-def wait_until(check, timeout: float = 300, what: str = "",  # type: ignore[no-untyped-def]
-               process: subprocess.Popen[str] | None = None) -> None:
-    """Poll `check` until it holds; fail at once, with its output, if `process` ends."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if check():
-                return
-        if process is not None and process.poll() is not None:
-            out, err = process.communicate()
-            raise AssertionError(f"sweeper exited {process.returncode} before {what}:\n"
-                                 f"{out}\n{err}")
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def trials_of(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=open_storage(storage)).get_trials()
-
-
-def assert_agree(storage: str, tracking: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    """No trial and no run RUNNING; every trial's run has the status its state maps to."""
-    trials = trials_of(storage, name)
-    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
-    client = MlflowClient(tracking)
-    experiment = client.get_experiment_by_name(name)
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
-    by_number = {r.data.tags.get("sweeper.trial_number"): r for r in runs}
-    for trial in trials:
-        if trial.state == TrialState.WAITING:
-            continue
-        run = by_number.get(str(trial.number))
-        assert run is not None, f"trial {trial.number} has no run"
-        assert run.info.status in STATUS[trial.state.name], (trial.number, trial.state,
-                                                             run.info.status)
-    return trials
 
 
 # --------------------------------------------------------------------------------------

@@ -70,7 +70,10 @@ def run(spec_text: str, storage: str, tracking_uri: str | None,
     assert report.outcomes and (tracker is None or tracker.failures == [])
 
 
-@pytest.fixture(scope="module", params=["local", "postgresql-http"])
+# PostgreSQL behind an MLflow server: the same answers, in the slow suite (its study alone
+# takes 15 s to set up).
+@pytest.fixture(scope="module", params=[
+    "local", pytest.param("postgresql-http", marks=pytest.mark.slow)])
 def stores(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[dict[str, Any]]:
     """Study `results` (3 complete, 1 failed, every model logged) and, in the local

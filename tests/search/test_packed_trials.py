@@ -11,6 +11,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from processes import assert_agree, finish, sweeper
 
 from sweeper.keys import ATTR_CONFIG, ATTR_METRICS, ATTR_PACK, TAG_PACK, trial_record
 from sweeper.ml.data import load_dataset
@@ -88,6 +89,7 @@ def test_a_packed_study_keeps_each_trial_a_trial(tmp_path: Path) -> None:
         assert lone.history[-1]["val_accuracy"] == pytest.approx(trial.value)
 
 
+@pytest.mark.slow  # two packs of three, three epochs: 7 s
 def test_a_pruned_member_leaves_its_pack_and_the_others_finish(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -150,7 +152,6 @@ def test_pack_values_are_checked() -> None:
 @pytest.mark.slow
 def test_kill_9_mid_pack_loses_no_finished_trial_and_leaves_nothing_running(
         tmp_path: Path) -> None:
-    from test_faults import assert_agree, finish, sweeper
 
     from sweeper.fleet.stopping import TEST_SIGNAL_ENV
 
@@ -194,7 +195,6 @@ def test_kill_9_mid_pack_loses_no_finished_trial_and_leaves_nothing_running(
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_mid_pack_ends_every_member_and_leaves_nothing_running(
         tmp_path: Path, sig: signal.Signals) -> None:
-    from test_faults import assert_agree, finish, sweeper
 
     from sweeper.fleet.stopping import TEST_SIGNAL_ENV
 
@@ -231,7 +231,6 @@ def test_a_signal_mid_pack_ends_every_member_and_leaves_nothing_running(
 
 @pytest.mark.slow
 def test_two_workers_each_form_their_own_packs(tmp_path: Path) -> None:
-    from test_faults import assert_agree, finish, sweeper
 
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
     tracking = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
