@@ -357,11 +357,12 @@ def reap(
     study: StudyName,
     grace: Annotated[Optional[str], typer.Option(  # noqa: UP045
         "--grace", show_default=False,
-        help="A RUNNING trial whose worker has been silent this long is lost [default: "
-             "the grace its worker recorded (4 of its heartbeats), else 2m].")] = None,
+        help="A RUNNING trial whose worker has been silent this long is lost, and so is "
+             "the worker of a finished trial whose run is still RUNNING [default: the "
+             "grace its worker recorded (4 of its heartbeats), else 2m].")] = None,
     everything: Annotated[bool, typer.Option(
-        "--all", help="Every RUNNING trial is lost, silent or not: when you know that no "
-                      "worker of the study is alive.")] = False,
+        "--all", help="Every RUNNING trial is lost, and every RUNNING run ended, silent or "
+                      "not: when you know that no worker of the study is alive.")] = False,
     no_retry: Annotated[bool, typer.Option(
         "--no-retry", help="Do not re-queue the lost trials.")] = False,
     as_json: JsonOpt = False,

@@ -18,6 +18,8 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from processes import env as env_of
+from processes import finish
 
 from studies import tiny_study
 from sweeper.fleet.jobs import cpu_threads, slots, worker_device
@@ -35,28 +37,10 @@ def study_file(root: Path, name: str, *, trials: int, epochs: int = 1, train: in
     return path
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment of a user's shell: no storage or tracking set unless given."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("SWEEPER_STORAGE", "MLFLOW_TRACKING_URI")}
-    env.update(extra)
-    return env
-
-
 def sweeper(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "sweeper.cli", "run", *args],
-                            cwd=cwd, env=env or clean_env(), stdout=subprocess.PIPE,
+                            cwd=cwd, env=env or env_of(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def finish(process: subprocess.Popen[str], timeout: float = 400) -> tuple[int, str, str]:
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, err = process.communicate()
-        raise AssertionError(f"sweeper run did not finish:\n{out}\n{err}") from None
-    return process.returncode, out, err
 
 
 def wait_for_training(storage: str, name: str, pid: int, timeout: float = 120
@@ -222,7 +206,7 @@ def test_kill_9_of_one_of_three_workers_loses_nothing(tmp_path: Path, postgres_u
     nothing is left RUNNING in Optuna or in MLflow."""
     name = f"kill9-{os.getpid()}"
     path = study_file(tmp_path, name, trials=8, epochs=40, train=512)
-    env = clean_env(SWEEPER_STORAGE=postgres_url, MLFLOW_TRACKING_URI=mlflow_url)
+    env = env_of(SWEEPER_STORAGE=postgres_url, MLFLOW_TRACKING_URI=mlflow_url)
     workers = [sweeper(str(path), "--device", "cpu", "--heartbeat", "1s", cwd=tmp_path,
                        env=env) for _ in range(3)]
     victim = workers[0]

@@ -13,12 +13,14 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from test_jobs import clean_env, finish, runs_by_status, study_file, sweeper, wait_for_training
+from processes import env as env_of
+from processes import finish
+from test_jobs import runs_by_status, study_file, sweeper, wait_for_training
 
 
 def reap(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "sweeper.cli", "reap", *args], cwd=cwd,
-                          env=clean_env(), capture_output=True, text=True, timeout=120,
+                          env=env_of(), capture_output=True, text=True, timeout=120,
                           check=False)
 
 
