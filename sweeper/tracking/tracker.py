@@ -69,6 +69,7 @@ from sweeper.tracking.common import (
     http_env,
     one_line,
     param_value,
+    racing,
 )
 from sweeper.tracking.guard import CallGuard
 from sweeper.tracking.probe import check_store
@@ -347,8 +348,8 @@ class MlflowTracker(CallGuard):
         if changed:
             tags[TAG_CHANGED_SETTINGS] = ", ".join(
                 f"{k}={wanted[k]}" for k in changed)[:REASON_MAX_CHARS]
-        self.client.log_batch(parent.info.run_id,
-                              tags=[RunTag(k, v) for k, v in tags.items()])
+        racing(self.client.log_batch, parent.info.run_id,
+               tags=[RunTag(k, v) for k, v in tags.items()])
         with tempfile.TemporaryDirectory(prefix="sweeper-study-") as tmp:
             target = Path(tmp, "study.yaml")
             source = Path(spec.source) if spec.source else None
@@ -461,8 +462,9 @@ class MlflowTracker(CallGuard):
         if update.register is not None:
             # Queued after the model's upload: registered once its files exist.
             self.queue("register the best model", self._register, *update.register)
-        self.queue("log the parent run's best", self.client.log_batch, self.parent_run_id,
-                   metrics=update.metrics, tags=update.tags)
+        # Racing: every worker's first best inserts the same new keys on the one parent.
+        self.queue("log the parent run's best", racing, self.client.log_batch,
+                   self.parent_run_id, metrics=update.metrics, tags=update.tags)
 
     def _register(self, number: int, value: float, logged: LoggedModel) -> None:
         self._registry_ready = best.register(self.client, self.spec, number, value, logged,
