@@ -241,7 +241,7 @@ class Worker:
         self.objective: Objective = objective or Worker.train
         self.stop = StopPolicy(options.more_trials, options.heartbeat)
         # Heartbeats of finished trials whose runs are still being written (`_tell`).
-        self._ending_beats: list[Callable[[], None]] = []
+        self._ending_beats: set[Callable[[], None]] = set()
 
     # -- data ---------------------------------------------------------------------------
     def dataset(self, cfg: DatasetConfig) -> Dataset:
@@ -326,9 +326,9 @@ class Worker:
                 try:
                     self.tracker.end_study(study, interrupted=stopped_by == "interrupted")
                 finally:
-                    for stop_beating in self._ending_beats:  # written, or given up
-                        stop_beating()
-                    self._ending_beats.clear()
+                    while self._ending_beats:  # written, or given up
+                        with contextlib.suppress(KeyError):  # one just stopped itself
+                            self._ending_beats.pop()()
             self.progress("end", {"study": study, "stopped_by": stopped_by})
         if stopped_by == "disk-full":
             raise DiskFull(f"{message}; free some space and run again (the study resumes)")
@@ -612,8 +612,13 @@ class Worker:
             # mid-upload (`fleet.liveness`).
             stop_beating = heartbeat.start_beating(storage, trial._trial_id,
                                                    self.options.heartbeat, now=False)
-            self._ending_beats.append(stop_beating)
-            self.tracker.after_writes(stop_beating)
+            self._ending_beats.add(stop_beating)
+
+            def written() -> None:
+                stop_beating()
+                self._ending_beats.discard(stop_beating)
+
+            self.tracker.after_writes(written)
 
 
 def _is_summary_metric(key: str) -> bool:

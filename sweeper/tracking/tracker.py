@@ -363,9 +363,10 @@ class MlflowTracker(CallGuard):
             self.client.log_artifacts(parent.info.run_id, tmp)
 
     def _log_new_params(self, parent: Run, wanted: dict[str, str]) -> dict[str, str]:
-        """Log those of `wanted` the parent run lacks; return the params it had before.
-        Workers that start together describe the same parent at once: one that finds a
-        param written since it looked (a unique-key error) looks again."""
+        """Log those of `wanted` the parent run lacks; return those it had from earlier
+        runs or other workers. Workers that start together describe the same parent at
+        once: one that finds a param written since it looked (a unique-key error, or a
+        different value) looks again."""
         from mlflow.entities import Param
 
         existing = parent.data.params
