@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from sweeper.fleet import liveness
 from sweeper.fleet.heartbeat import HeartbeatSettings, fail_lost_trials
-from sweeper.keys import ATTR_EXPERIMENT, ATTR_PARENT_RUN, ATTR_REASON
+from sweeper.keys import ATTR_EXPERIMENT, ATTR_PARENT_RUN
 from sweeper.search.queries import StudyQueries
 from sweeper.search.storage import open_storage, rdb_of
 from sweeper.uris import resolve_storage_url
@@ -84,10 +84,7 @@ def reap(study_name: str, *, storage: str | None = None, tracking_uri: str | Non
     ending = set() if everything else liveness.still_ending(
         study, trials, default=settings, override=grace_s is not None)
     report.runs = reap_runs(
-        client, experiment_id,
-        trial_states={t.number: t.state.name for t in trials},
-        reasons={t.number: str(t.user_attrs[ATTR_REASON]) for t in trials
-                 if t.user_attrs.get(ATTR_REASON)},
+        client, experiment_id, trials=trials,
         parent_run_id=study.user_attrs.get(ATTR_PARENT_RUN), study_running=bool(running),
         still_ending=ending)
     # What MLflow missed while it was away, or while a killed worker's uploads waited.

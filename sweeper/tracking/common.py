@@ -47,14 +47,14 @@ def racing(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """`fn(*args, **kwargs)`, tried again (twice, after a pause) when it fails on a unique
     key that another worker inserted at the same moment (workers that start together log
     the same dataset): the row is there by then, and MLflow reuses it."""
-    for attempt in range(3):
+    for pause in (0.1, 0.2):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            if attempt == 2 or not is_unique_conflict(exc):
+            if not is_unique_conflict(exc):
                 raise
-            time.sleep(0.1 * (attempt + 1))
-    raise AssertionError("unreachable")
+            time.sleep(pause)
+    return fn(*args, **kwargs)
 
 
 def chunks(items: list[T], size: int) -> Iterator[list[T]]:

@@ -8,7 +8,7 @@ for a finished trial that has none, and the summary metrics of one that lacks th
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -72,18 +72,23 @@ def end_lost_run(client: MlflowClient, run_id: str, reason: str) -> bool:
 
 
 def reap_runs(client: MlflowClient, experiment_id: str, *,
-              trial_states: Mapping[int, str], reasons: Mapping[int, str],
+              trials: Iterable[optuna.trial.FrozenTrial],
               parent_run_id: str | None, study_running: bool,
               only_trials: Collection[int] | None = None,
               still_ending: Collection[int] = ()) -> list[EndedRun]:
     """End the experiment's RUNNING runs whose trial is not RUNNING in Optuna (with the
     status its state maps to), and the parent run once no trial of the study runs.
 
-    `only_trials`: look at the runs of these trials only. A caller whose `trial_states` is a
-    snapshot taken while other workers run passes the trials it looked up, so that a run
-    opened after the snapshot (its trial asked since) is not taken for an orphan.
-    `still_ending`: finished trials whose worker is alive and still ending their run
-    (`fleet.liveness`): left to it."""
+    `trials`: the study's trials as Optuna records them (a run of a trial not among them
+    ends FAIL). `only_trials`: look at the runs of these trials only. A caller whose
+    `trials` are a snapshot taken while other workers run passes the trials it looked up,
+    so that a run opened after the snapshot (its trial asked since) is not taken for an
+    orphan. `still_ending`: finished trials whose worker is alive and still ending their
+    run (`fleet.liveness`): left to it."""
+    trials = list(trials)
+    trial_states = {t.number: t.state.name for t in trials}
+    reasons = {t.number: str(t.user_attrs[ATTR_REASON]) for t in trials
+               if t.user_attrs.get(ATTR_REASON)}
     runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
                               max_results=5000)
     ended: list[EndedRun] = []

@@ -48,7 +48,6 @@ from sweeper.errors import TrackingError
 from sweeper.keys import (
     ATTR_EXPERIMENT,
     ATTR_PARENT_RUN,
-    ATTR_REASON,
     ATTR_RUN_ID,
     ATTR_WORKER,
     TAG_CHANGED_SETTINGS,
@@ -241,21 +240,18 @@ class MlflowTracker(CallGuard):
         if not numbers:
             return
         storage = study._storage
-        trials = []
+        trials: list[optuna.trial.FrozenTrial] = []
         for number in numbers:
             try:
                 trials.append(storage.get_trial(
                     storage.get_trial_id_from_study_id_trial_number(study._study_id, number)))
             except KeyError:
                 continue
-        states = {t.number: t.state.name for t in trials}
-        reasons = {t.number: str(t.user_attrs[ATTR_REASON]) for t in trials
-                   if t.user_attrs.get(ATTR_REASON)}
         # Only the runs looked up here: another worker may have opened one since. A run
         # whose worker has told Optuna but is still writing it is that worker's to end.
-        for ended in reap_runs(self.client, self.experiment_id, trial_states=states,
-                               reasons=reasons, parent_run_id=None, study_running=True,
-                               only_trials=set(states),
+        for ended in reap_runs(self.client, self.experiment_id, trials=trials,
+                               parent_run_id=None, study_running=True,
+                               only_trials={t.number for t in trials},
                                still_ending=liveness.still_ending(study, trials)):
             log.warning("ended run %s left RUNNING by a worker that stopped: %s (%s)",
                         ended.name, ended.status, ended.reason)
@@ -369,19 +365,20 @@ class MlflowTracker(CallGuard):
         different value) looks again."""
         from mlflow.entities import Param
 
-        existing = parent.data.params
-        for attempt in range(3):
+        def log_missing(existing: dict[str, str]) -> dict[str, str]:
             new = [Param(k, v) for k, v in wanted.items() if k not in existing]
+            for chunk in chunks(new, 100):
+                self.client.log_batch(parent.info.run_id, params=chunk)
+            return existing
+
+        existing = parent.data.params
+        for pause in (0.2, 0.4):
             try:
-                for chunk in chunks(new, 100):
-                    self.client.log_batch(parent.info.run_id, params=chunk)
-                return existing
+                return log_missing(existing)
             except Exception:
-                if attempt == 2:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
+                time.sleep(pause)
                 existing = self.client.get_run(parent.info.run_id).data.params
-        return existing
+        return log_missing(existing)
 
     # -- one trial --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -511,10 +508,7 @@ class MlflowTracker(CallGuard):
             trials = [storage.get_trial(storage.get_trial_id_from_study_id_trial_number(
                 study._study_id, n)) for n in incomplete]
 
-            reap_runs(self.client, self.experiment_id,
-                      trial_states={t.number: t.state.name for t in trials},
-                      reasons={t.number: str(t.user_attrs[ATTR_REASON]) for t in trials
-                               if t.user_attrs.get(ATTR_REASON)},
+            reap_runs(self.client, self.experiment_id, trials=trials,
                       parent_run_id=None, study_running=True)
             fill_in_runs(self.client, self.experiment_id, self.spec.name,
                          self.parent_run_id, trials,
